@@ -1,0 +1,43 @@
+# shellcheck shell=bash
+# Sourced by the other scripts: paths and small helpers. Runtime state lives in $BLAMETRAIL_RUN_DIR.
+set -euo pipefail
+
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${BLAMETRAIL_RUN_DIR:-$REPO_DIR/.run}"
+CACHE_DIR="${BLAMETRAIL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/blametrail}"
+mkdir -p "$RUN_DIR" "$CACHE_DIR"
+
+log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# free_port [preferred]: the preferred port if nothing listens there, else one the kernel picks.
+free_port() {
+  python3 - "${1:-0}" <<'PY'
+import socket, sys
+want = int(sys.argv[1])
+for port in ([want] if want else []) + [0]:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        print(s.getsockname()[1])
+        break
+    except OSError:
+        pass
+    finally:
+        s.close()
+PY
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND until it succeeds or the deadline passes.
+wait_for() {
+  local seconds=$1 what=$2; shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
+}
+
+pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }

@@ -1,0 +1,188 @@
+"""SQLAlchemy 2 models: the one definition of BlameTrail's tables (migrations follow them)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+MAPPINGS_CHANNEL = "sentry_project_mappings"
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _created() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Organization(Base):
+    __tablename__ = "organizations"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    slug: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    created_at: Mapped[datetime] = _created()
+
+
+class SentryIntegration(Base):
+    """Per-org Sentry integration: the client secret, and the previous one during a rotation."""
+
+    __tablename__ = "sentry_integrations"
+
+    org_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    client_secret: Mapped[str] = mapped_column(String(200), nullable=False)
+    previous_client_secret: Mapped[str | None] = mapped_column(String(200))
+    legacy_plugin_token: Mapped[str | None] = mapped_column(String(200))
+    rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created()
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    org_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True, nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False, server_default="default")
+    created_at: Mapped[datetime] = _created()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Service(Base):
+    __tablename__ = "services"
+    __table_args__ = (
+        UniqueConstraint("org_id", "name"),
+        # Target of the composite foreign key that keeps a mapping's service in the mapping's org.
+        UniqueConstraint("org_id", "id", name="uq_services_org_id_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    org_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
+    )
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    created_at: Mapped[datetime] = _created()
+
+
+class SentryProjectMapping(Base):
+    __tablename__ = "sentry_project_mappings"
+    __table_args__ = (
+        UniqueConstraint("org_id", "sentry_project_slug"),
+        ForeignKeyConstraint(
+            ["org_id", "service_id"],
+            ["services.org_id", "services.id"],
+            name="fk_sentry_project_mappings_service_same_org",
+            ondelete="RESTRICT",
+        ),
+        Index("ix_sentry_project_mappings_service_id", "service_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    org_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
+    )
+    sentry_project_slug: Mapped[str] = mapped_column(String(100), nullable=False)
+    service_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="true")
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now(), nullable=False
+    )
+
+
+class Incident(Base):
+    """One incident per service and Sentry issue (or metric alert): resolved ones reopen in place."""
+
+    __tablename__ = "incidents"
+    __table_args__ = (
+        UniqueConstraint("service_id", "incident_key"),
+        Index("ix_incidents_org_id_status", "org_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    org_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
+    )
+    service_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("services.id", ondelete="RESTRICT"), nullable=False
+    )
+    incident_key: Mapped[str] = mapped_column(String(200), nullable=False)
+    sentry_project_slug: Mapped[str | None] = mapped_column(String(100))
+    sentry_issue_id: Mapped[str | None] = mapped_column(String(64))
+    title: Mapped[str] = mapped_column(Text, nullable=False)
+    level: Mapped[str | None] = mapped_column(String(32))
+    culprit: Mapped[str | None] = mapped_column(Text)
+    web_url: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="open")
+    event_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now(), nullable=False
+    )
+
+
+class AuditRecord(Base):
+    """Exactly one per delivery and project, for routed and ignored events alike."""
+
+    __tablename__ = "audit_records"
+    __table_args__ = (
+        UniqueConstraint("delivery_id", "project_slug", postgresql_nulls_not_distinct=True),
+        Index("ix_audit_records_org_id_processed_at", "org_id", "processed_at"),
+        Index("ix_audit_records_org_project_received", "org_slug", "project_slug", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    project_slug: Mapped[str | None] = mapped_column(String(100))
+    org_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"))
+    org_slug: Mapped[str] = mapped_column(String(100), nullable=False)
+    resource: Mapped[str] = mapped_column(String(64), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    outcome: Mapped[str] = mapped_column(String(16), nullable=False)
+    reason: Mapped[str | None] = mapped_column(String(32))
+    service_id: Mapped[int | None] = mapped_column(BigInteger)
+    mapping_id: Mapped[int | None] = mapped_column(BigInteger)
+    incident_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("incidents.id", ondelete="SET NULL")
+    )
+    sentry_issue_id: Mapped[str | None] = mapped_column(String(64))
+    title: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    processed_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )
+    raw_topic: Mapped[str] = mapped_column(String(249), nullable=False)
+    raw_partition: Mapped[int] = mapped_column(Integer, nullable=False)
+    raw_offset: Mapped[int] = mapped_column(BigInteger, nullable=False)

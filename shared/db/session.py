@@ -1,0 +1,24 @@
+"""Engines and sessions: async SQLAlchemy (psycopg 3) for the services, plain psycopg for LISTEN."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from shared.settings import Settings
+
+
+def create_engine(settings: Settings, *, pool_size: int = 5) -> AsyncEngine:
+    return create_async_engine(
+        settings.database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+    )
+
+
+def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:  # type: ignore[type-arg]
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def libpq_url(settings: Settings) -> str:
+    """The database URL as psycopg itself takes it (without SQLAlchemy's driver suffix)."""
+    url = settings.database_url
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql://{rest}" if sep and scheme.startswith("postgresql") else url

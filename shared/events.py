@@ -1,0 +1,130 @@
+"""Messages between the services: Kafka headers of the raw topic and the routed/ignored events."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.sentry import ParsedWebhook
+
+SCHEMA_VERSION = 1
+
+# Headers of sentry.webhooks.raw
+H_ORG = "org"
+H_RESOURCE = "resource"
+H_REQUEST_ID = "request_id"
+H_HOOK_TIMESTAMP = "hook_timestamp"
+H_RECEIVED_AT = "received_at"
+H_DELIVERY_ID = "delivery_id"
+H_CONTENT_TYPE = "content_type"
+H_INGEST_VERSION = "ingest_version"
+
+
+class Reason(StrEnum):
+    UNMAPPED = "unmapped"
+    MAPPING_INACTIVE = "mapping_inactive"
+    NO_PROJECT = "no_project"
+    UNSUPPORTED_RESOURCE = "unsupported_resource"
+    UNKNOWN_ORG = "unknown_org"
+
+
+def delivery_id(org: str, resource: str, body: bytes) -> str:
+    """Hex SHA-256 of ``org\\nresource\\nbody``: identical deliveries share it."""
+    digest = hashlib.sha256()
+    digest.update(org.encode())
+    digest.update(b"\n")
+    digest.update(resource.encode())
+    digest.update(b"\n")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class RawRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    v: int = SCHEMA_VERSION
+    delivery_id: str
+    org: str
+    resource: str
+    action: str
+    project_slug: str | None
+    project_id: str | None = None
+    sentry_issue_id: str | None = None
+    # Extension of the DESIGN.md field list: the incident identity (``issue:{id}`` or
+    # ``metric_alert:{identifier}``), so the writer need not know each resource's shape.
+    incident_key: str | None = None
+    event_id: str | None = None
+    title: str | None = None
+    level: str | None = None
+    culprit: str | None = None
+    web_url: str | None = None
+    occurred_at: datetime | None = None
+    received_at: datetime
+    raw: RawRef
+
+
+class RoutedEvent(_Event):
+    outcome: Literal["routed"] = "routed"
+    service_id: int
+    mapping_id: int
+
+
+class IgnoredEvent(_Event):
+    outcome: Literal["ignored"] = "ignored"
+    reason: Reason
+    service_id: int | None = None
+    mapping_id: int | None = None
+
+
+OutputEvent = RoutedEvent | IgnoredEvent
+
+
+def event_fields(
+    parsed: ParsedWebhook,
+    *,
+    delivery: str,
+    org: str,
+    project_slug: str | None,
+    project_id: str | None,
+    received_at: datetime,
+    raw: RawRef,
+) -> dict[str, object]:
+    """The common fields of a routed or ignored event for one project of a parsed webhook."""
+    return {
+        "delivery_id": delivery,
+        "org": org,
+        "resource": parsed.resource,
+        "action": parsed.action,
+        "project_slug": project_slug,
+        "project_id": project_id,
+        "sentry_issue_id": parsed.sentry_issue_id,
+        "incident_key": parsed.incident_key,
+        "event_id": parsed.event_id,
+        "title": parsed.title,
+        "level": parsed.level,
+        "culprit": parsed.culprit,
+        "web_url": parsed.web_url,
+        "occurred_at": parsed.occurred_at,
+        "received_at": received_at,
+        "raw": raw,
+    }

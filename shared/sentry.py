@@ -1,0 +1,302 @@
+"""Pure parsing of Sentry webhook bodies: which project, which issue, what happened.
+
+Every function here takes plain data and never raises on an unexpected shape: a body whose
+project cannot be found parses to a :class:`ParsedWebhook` with no projects, which the router
+turns into an ``ignored`` event with reason ``no_project``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+SLUG_RE = re.compile(r"^(?![0-9]+$)[a-z0-9_-]{1,100}$")
+
+# Resources whose shapes we know. Anything else is accepted and ignored as unsupported.
+ISSUE = "issue"
+ERROR = "error"
+EVENT_ALERT = "event_alert"
+METRIC_ALERT = "metric_alert"
+COMMENT = "comment"
+SEER = "seer"
+PREPROD_ARTIFACT = "preprod_artifact"
+INSTALLATION = "installation"
+ACTIVITY_ALERT = "activity_alert"
+LEGACY = "legacy_webhook"
+KNOWN_RESOURCES = frozenset(
+    {ISSUE, ERROR, EVENT_ALERT, METRIC_ALERT, COMMENT, SEER, PREPROD_ARTIFACT, INSTALLATION, ACTIVITY_ALERT, LEGACY}
+)
+
+_MAX_TEXT = 1000
+_PROJECT_API_PATH = re.compile(r"/api/0/projects/([^/]+)/([^/]+)/")
+_ORG_PATH = re.compile(r"/organizations/([^/]+)/")
+
+
+@dataclass(frozen=True)
+class ProjectRef:
+    slug: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class ParsedWebhook:
+    """What BlameTrail needs from one Sentry body. ``projects`` is empty when none was found."""
+
+    resource: str
+    action: str
+    projects: tuple[ProjectRef, ...] = ()
+    sentry_issue_id: str | None = None
+    alert_identifier: str | None = None
+    event_id: str | None = None
+    title: str | None = None
+    level: str | None = None
+    culprit: str | None = None
+    web_url: str | None = None
+    occurred_at: datetime | None = None
+    sentry_org: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def known_resource(self) -> bool:
+        return self.resource in KNOWN_RESOURCES
+
+    @property
+    def incident_key(self) -> str | None:
+        """Identity of the incident this event belongs to, within one service."""
+        if self.sentry_issue_id:
+            return f"issue:{self.sentry_issue_id}"
+        if self.alert_identifier:
+            return f"metric_alert:{self.alert_identifier}"
+        return None
+
+
+def is_valid_slug(value: object) -> bool:
+    return isinstance(value, str) and SLUG_RE.match(value) is not None
+
+
+def _obj(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: object, limit: int = _MAX_TEXT) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        return None
+    return value[:limit]
+
+
+def _ident(value: object) -> str | None:
+    """A Sentry id (string or integer) as a string; anything else is None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and 0 < len(value) <= 64:
+        return value
+    return None
+
+
+def _slug(value: object) -> str | None:
+    return value if is_valid_slug(value) else None
+
+
+def _time(value: object) -> datetime | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        try:
+            return datetime.fromtimestamp(float(value), tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(value, str) and value:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
+def project_from_api_url(url: object) -> tuple[str | None, str | None]:
+    """(org, project slug) from ``…/api/0/projects/{org}/{slug}/events/{id}/``."""
+    if not isinstance(url, str):
+        return None, None
+    match = _PROJECT_API_PATH.search(urlsplit(url).path + "/")
+    if not match:
+        return None, None
+    org, slug = match.group(1), match.group(2)
+    return (org if is_valid_slug(org) else None), _slug(slug)
+
+
+def org_from_url(url: object) -> str | None:
+    """Sentry org slug from ``/organizations/{org}/…`` or a ``{org}.sentry.io`` host."""
+    if not isinstance(url, str):
+        return None
+    parts = urlsplit(url)
+    match = _ORG_PATH.search(parts.path + "/")
+    if match and is_valid_slug(match.group(1)):
+        return match.group(1)
+    host = (parts.hostname or "").lower()
+    if host.endswith(".sentry.io"):
+        sub = host[: -len(".sentry.io")]
+        if "." not in sub and is_valid_slug(sub) and sub not in {"www", "us", "de"}:
+            return sub
+    api_org, _ = project_from_api_url(url)
+    return api_org
+
+
+def _projects(*refs: tuple[str | None, str | None]) -> tuple[ProjectRef, ...]:
+    seen: dict[str, ProjectRef] = {}
+    for slug, pid in refs:
+        if slug and slug not in seen:
+            seen[slug] = ProjectRef(slug=slug, id=pid)
+    return tuple(seen.values())
+
+
+def _parse_issue(action: str, data: dict[str, Any]) -> ParsedWebhook:
+    issue = _obj(data.get("issue"))
+    project = _obj(issue.get("project"))
+    slug = _slug(project.get("slug"))
+    if slug is None:
+        short_id = issue.get("shortId")
+        if isinstance(short_id, str) and "-" in short_id:
+            slug = _slug(short_id.rsplit("-", 1)[0].lower())
+    web_url = _text(issue.get("web_url")) or _text(issue.get("permalink"))
+    return ParsedWebhook(
+        resource=ISSUE,
+        action=action,
+        projects=_projects((slug, _ident(project.get("id")))),
+        sentry_issue_id=_ident(issue.get("id")),
+        title=_text(issue.get("title")),
+        level=_text(issue.get("level"), 32),
+        culprit=_text(issue.get("culprit")),
+        web_url=web_url,
+        occurred_at=_time(issue.get("lastSeen")) or _time(issue.get("firstSeen")),
+        sentry_org=org_from_url(web_url) or org_from_url(issue.get("url")),
+    )
+
+
+def _parse_event(resource: str, action: str, event: dict[str, Any]) -> ParsedWebhook:
+    org, slug = project_from_api_url(event.get("url"))
+    web_url = _text(event.get("web_url"))
+    return ParsedWebhook(
+        resource=resource,
+        action=action,
+        projects=_projects((slug, _ident(event.get("project")))),
+        sentry_issue_id=_ident(event.get("issue_id")),
+        event_id=_ident(event.get("event_id")),
+        title=_text(event.get("title")) or _text(event.get("message")),
+        level=_text(event.get("level"), 32),
+        culprit=_text(event.get("culprit")),
+        web_url=web_url,
+        occurred_at=_time(event.get("datetime")) or _time(event.get("timestamp")),
+        sentry_org=org or org_from_url(web_url),
+    )
+
+
+def _parse_metric_alert(action: str, data: dict[str, Any]) -> ParsedWebhook:
+    alert = _obj(data.get("metric_alert"))
+    rule = _obj(alert.get("alert_rule"))
+    names = alert.get("projects")
+    if not isinstance(names, list):
+        names = rule.get("projects")
+    slugs = [_slug(n) for n in names] if isinstance(names, list) else []
+    web_url = _text(data.get("web_url"))
+    return ParsedWebhook(
+        resource=METRIC_ALERT,
+        action=action,
+        projects=_projects(*((s, None) for s in slugs)),
+        alert_identifier=_ident(alert.get("identifier")) or _ident(alert.get("id")),
+        title=_text(data.get("description_title")) or _text(alert.get("title")) or _text(rule.get("name")),
+        level=action if action in {"critical", "warning"} else "info",
+        web_url=web_url,
+        occurred_at=_time(alert.get("date_closed")) or _time(alert.get("date_started")),
+        sentry_org=org_from_url(web_url),
+    )
+
+
+def _parse_comment(action: str, data: dict[str, Any]) -> ParsedWebhook:
+    return ParsedWebhook(
+        resource=COMMENT,
+        action=action,
+        projects=_projects((_slug(data.get("project_slug")), None)),
+        sentry_issue_id=_ident(data.get("issue_id")),
+        title=_text(data.get("comment"), 200),
+        occurred_at=_time(data.get("timestamp")),
+    )
+
+
+def _parse_activity_alert(action: str, data: dict[str, Any]) -> ParsedWebhook:
+    parsed = _parse_issue(action, data)
+    alert = _obj(data.get("alert"))
+    return ParsedWebhook(
+        **{**parsed.__dict__, "resource": ACTIVITY_ALERT, "web_url": parsed.web_url or _text(alert.get("web_url"))}
+    )
+
+
+def _parse_legacy(body: dict[str, Any]) -> ParsedWebhook:
+    event = _obj(body.get("event"))
+    slug = _slug(body.get("project_slug")) or _slug(body.get("project"))
+    url = _text(body.get("url"))
+    return ParsedWebhook(
+        resource=LEGACY,
+        action="triggered",
+        projects=_projects((slug, None)),
+        sentry_issue_id=_ident(body.get("id")),
+        event_id=_ident(event.get("event_id")),
+        title=_text(body.get("message")) or _text(event.get("title")),
+        level=_text(body.get("level"), 32),
+        culprit=_text(body.get("culprit")),
+        web_url=url,
+        occurred_at=_time(event.get("timestamp")) or _time(event.get("received")),
+        sentry_org=org_from_url(url),
+    )
+
+
+def parse_webhook(resource: str, body: object) -> ParsedWebhook:
+    """Classify one decoded webhook body sent with ``Sentry-Hook-Resource: resource``."""
+    root = _obj(body)
+    if resource == LEGACY:
+        return _parse_legacy(root)
+    action = _text(root.get("action"), 64) or ""
+    data = _obj(root.get("data"))
+    if resource == ISSUE:
+        return _parse_issue(action, data)
+    if resource == ERROR:
+        return _parse_event(ERROR, action, _obj(data.get("error")))
+    if resource == EVENT_ALERT:
+        return _parse_event(EVENT_ALERT, action, _obj(data.get("event")))
+    if resource == METRIC_ALERT:
+        return _parse_metric_alert(action, data)
+    if resource == COMMENT:
+        return _parse_comment(action, data)
+    if resource == ACTIVITY_ALERT:
+        return _parse_activity_alert(action, data)
+    if resource == PREPROD_ARTIFACT:
+        return ParsedWebhook(
+            resource=resource,
+            action=action,
+            projects=_projects((_slug(data.get("projectSlug")), None)),
+            sentry_org=_slug(data.get("organizationSlug")),
+        )
+    if resource == SEER:
+        return ParsedWebhook(resource=resource, action=action, sentry_issue_id=_ident(data.get("group_id")))
+    if resource == INSTALLATION:
+        org = _obj(_obj(data.get("installation")).get("organization"))
+        return ParsedWebhook(resource=resource, action=action, sentry_org=_slug(org.get("slug")))
+    return ParsedWebhook(resource=resource, action=action)
+
+
+def partition_key(org: str, parsed: ParsedWebhook) -> str:
+    """``{org}/{issue}`` when the body names a Sentry issue, else ``{org}/{project}``, else ``{org}``."""
+    if parsed.sentry_issue_id:
+        return f"{org}/{parsed.sentry_issue_id}"
+    if parsed.projects:
+        return f"{org}/{parsed.projects[0].slug}"
+    return org

@@ -1,0 +1,60 @@
+"""The one settings class of BlameTrail: every service reads ``BLAMETRAIL_*`` variables through it."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Settings shared by every service, the CLI and docker-compose.yml (same variable names)."""
+
+    model_config = SettingsConfigDict(env_prefix="BLAMETRAIL_", extra="ignore")
+
+    # Connections
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    database_url: str = "postgresql+psycopg://blametrail@127.0.0.1:5432/blametrail"
+    topic_prefix: str = ""
+    public_url: str = "http://127.0.0.1:8000"
+
+    # Topics
+    topic_partitions: int = Field(default=6, ge=1)
+    topic_replication_factor: int = Field(default=1, ge=1)
+    # Sentry error and event-alert bodies embed whole events: hundreds of KB. Leave headroom over the
+    # ingest body limit for headers and the routed/ignored envelopes.
+    kafka_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024 * 1024)
+
+    # Ingest
+    ingest_host: str = "127.0.0.1"
+    ingest_port: int = 8000
+    ingest_workers: int = Field(default=1, ge=1)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    publish_timeout_ms: int = Field(default=300, ge=10)
+    secret_cache_ttl_seconds: float = Field(default=5.0, ge=0)
+
+    # Router
+    router_group: str = "blametrail-router"
+    router_metrics_port: int = 9101
+    mapping_refresh_seconds: float = Field(default=30.0, gt=0)
+
+    # Incident writer
+    writer_group: str = "blametrail-writer"
+    writer_metrics_port: int = 9102
+
+    # Consumers
+    consumer_batch_max: int = Field(default=500, ge=1)
+    consumer_batch_timeout_ms: int = Field(default=200, ge=1)
+
+    # Admin
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8001
+
+    def webhook_url(self, org_slug: str) -> str:
+        return f"{self.public_url.rstrip('/')}/webhooks/sentry/{org_slug}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
