@@ -103,7 +103,7 @@ def _ident(value: object) -> str | None:
 
 
 def _slug(value: object) -> str | None:
-    return value if is_valid_slug(value) else None
+    return value if isinstance(value, str) and is_valid_slug(value) else None
 
 
 def _time(value: object) -> datetime | None:

@@ -86,9 +86,7 @@ class Service(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    org_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
-    )
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False)
     name: Mapped[str] = mapped_column(String(200), nullable=False)
     created_at: Mapped[datetime] = _created()
 
@@ -107,9 +105,7 @@ class SentryProjectMapping(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    org_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
-    )
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False)
     sentry_project_slug: Mapped[str] = mapped_column(String(100), nullable=False)
     service_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
     active: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="true")
@@ -129,12 +125,8 @@ class Incident(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    org_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
-    )
-    service_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("services.id", ondelete="RESTRICT"), nullable=False
-    )
+    org_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False)
+    service_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("services.id", ondelete="RESTRICT"), nullable=False)
     incident_key: Mapped[str] = mapped_column(String(200), nullable=False)
     sentry_project_slug: Mapped[str | None] = mapped_column(String(100))
     sentry_issue_id: Mapped[str | None] = mapped_column(String(64))
@@ -174,15 +166,11 @@ class AuditRecord(Base):
     reason: Mapped[str | None] = mapped_column(String(32))
     service_id: Mapped[int | None] = mapped_column(BigInteger)
     mapping_id: Mapped[int | None] = mapped_column(BigInteger)
-    incident_id: Mapped[int | None] = mapped_column(
-        BigInteger, ForeignKey("incidents.id", ondelete="SET NULL")
-    )
+    incident_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("incidents.id", ondelete="SET NULL"))
     sentry_issue_id: Mapped[str | None] = mapped_column(String(64))
     title: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    processed_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), nullable=False
-    )
+    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
     raw_topic: Mapped[str] = mapped_column(String(249), nullable=False)
     raw_partition: Mapped[int] = mapped_column(Integer, nullable=False)
     raw_offset: Mapped[int] = mapped_column(BigInteger, nullable=False)

@@ -1,0 +1,90 @@
+"""Kafka helpers shared by the services: producer and consumer factories, topics, headers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from shared.settings import Settings
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+def make_producer(settings: Settings, *, client_id: str, linger_ms: int = 5) -> AIOKafkaProducer:
+    """Idempotent, ``acks=all``, compressed: what every BlameTrail producer uses."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        compression_type="gzip",
+        linger_ms=linger_ms,
+        max_request_size=settings.kafka_max_message_bytes,
+        request_timeout_ms=10_000,
+    )
+
+
+def make_consumer(settings: Settings, *, group_id: str, client_id: str, topics: Sequence[str] = ()) -> AIOKafkaConsumer:
+    """Manual commits only; a new group starts at the earliest offset so nothing is skipped."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=settings.kafka_max_message_bytes,
+        fetch_max_bytes=max(52428800, settings.kafka_max_message_bytes),
+        isolation_level="read_committed",
+    )
+
+
+def header_map(headers: Iterable[tuple[str, bytes | None]]) -> dict[str, str]:
+    """Kafka record headers as text (last value wins; undecodable bytes are replaced)."""
+    return {k: (v or b"").decode("utf-8", "replace") for k, v in headers}
+
+
+async def create_topics(settings: Settings, partitions: int | None = None) -> list[str]:
+    """Create the four topics if missing; returns the names created now."""
+    topics = Topics.from_settings(settings)
+    count = partitions or settings.topic_partitions
+    config = {"max.message.bytes": str(settings.kafka_max_message_bytes)}
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="blametrail-admin")
+    await admin.start()
+    created: list[str] = []
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics.all() if t not in existing]
+        for name in missing:
+            try:
+                await admin.create_topics(
+                    [NewTopic(name, count, settings.topic_replication_factor, topic_configs=config)]
+                )
+                created.append(name)
+            except TopicAlreadyExistsError:
+                log.info("topic %s already exists", name)
+    finally:
+        await admin.close()
+    return created
+
+
+def dead_letter_headers(
+    headers: Iterable[tuple[str, bytes | None]], *, error: str, stage: str, topic: str, partition: int, offset: int
+) -> Headers:
+    """The original headers plus where and why a record was dead-lettered (DESIGN.md, dlq topic)."""
+    out: Headers = [(k, v or b"") for k, v in headers]
+    out += [
+        ("error", error[:1000].encode()),
+        ("stage", stage.encode()),
+        ("original_topic", topic.encode()),
+        ("original_partition", str(partition).encode()),
+        ("original_offset", str(offset).encode()),
+    ]
+    return out

@@ -1,0 +1,89 @@
+"""Prometheus metric definitions: every metric name of BlameTrail, once.
+
+Prefix ``blametrail_``; counters end in ``_total``, durations in ``_seconds``; labels never carry
+ids of unbounded sets (no org, project or delivery ids).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Dense below one second: Sentry's answer budget.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.75,
+    0.9,
+    1.0,
+    2.0,
+    5.0,
+)
+SIZE_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 524288, 1048576, 2097152, 4194304)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+
+# Ingest
+INGEST_REQUESTS = Counter(
+    "blametrail_ingest_requests_total", "Webhook requests by Sentry resource and outcome", ["resource", "outcome"]
+)
+INGEST_REQUEST_SECONDS = Histogram(
+    "blametrail_ingest_request_seconds", "Webhook request latency", buckets=LATENCY_BUCKETS
+)
+INGEST_PUBLISH_SECONDS = Histogram(
+    "blametrail_ingest_publish_seconds", "Time until Kafka acknowledged a webhook", buckets=LATENCY_BUCKETS
+)
+INGEST_BODY_BYTES = Histogram("blametrail_ingest_body_bytes", "Webhook body sizes", buckets=SIZE_BUCKETS)
+
+# Router
+ROUTER_EVENTS = Counter("blametrail_router_events_total", "Events routed or ignored, by reason", ["outcome", "reason"])
+MAPPING_CACHE_ENTRIES = Gauge("blametrail_router_mapping_cache_entries", "Mappings in the router cache")
+MAPPING_CACHE_AGE = Gauge(
+    "blametrail_router_mapping_cache_age_seconds", "Seconds since the mapping cache was last refreshed"
+)
+MAPPING_CACHE_REFRESHES = Counter(
+    "blametrail_router_mapping_cache_refreshes_total", "Mapping cache refreshes by trigger", ["trigger"]
+)
+MAPPING_CACHE_REFRESH_SECONDS = Histogram(
+    "blametrail_router_mapping_cache_refresh_seconds", "Mapping cache refresh duration", buckets=LATENCY_BUCKETS
+)
+
+# Incident writer
+WRITER_EVENTS = Counter("blametrail_writer_events_total", "Events written by outcome", ["outcome"])
+WRITER_BATCH_SECONDS = Histogram(
+    "blametrail_writer_batch_seconds", "Database write time of one batch", buckets=LATENCY_BUCKETS
+)
+INCIDENTS = Counter("blametrail_writer_incidents_total", "Incident changes", ["change"])
+
+# Consumers (router and writer), labelled by consumer group name (a small fixed set)
+CONSUMER_BATCH_SIZE = Histogram(
+    "blametrail_consumer_batch_size", "Records per consumed batch", ["group"], buckets=BATCH_BUCKETS
+)
+CONSUMER_COMMITS = Counter("blametrail_consumer_commits_total", "Offset commits", ["group"])
+CONSUMER_REBALANCES = Counter(
+    "blametrail_consumer_rebalances_total", "Partition assignments and revocations", ["group", "kind"]
+)
+CONSUMER_LAG = Gauge(
+    "blametrail_consumer_lag", "Records behind the end of the partition", ["group", "topic", "partition"]
+)
+CONSUMER_PROCESSING_SECONDS = Histogram(
+    "blametrail_consumer_processing_seconds",
+    "Now minus record timestamp when a record is processed",
+    ["group"],
+    buckets=LATENCY_BUCKETS,
+)
+DLQ_MESSAGES = Counter("blametrail_dlq_messages_total", "Records sent to the dead-letter topic", ["stage"])

@@ -1,0 +1,81 @@
+"""Organizations, their Sentry integration secret and API tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.db.models import ApiToken, Organization, SentryIntegration
+from shared.security import hash_token, new_api_token, new_client_secret
+from shared.sentry import is_valid_slug
+
+
+class OrgError(Exception):
+    """A user-facing error: ``code`` is machine-readable, the message says what to do."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class NewOrg:
+    org: str
+    org_id: int
+    api_token: str
+    client_secret: str
+
+
+async def create_org(session: AsyncSession, slug: str, name: str | None = None) -> NewOrg:
+    if not is_valid_slug(slug):
+        raise OrgError("invalid_slug", f"organization slug {slug!r} must be 1-100 of a-z 0-9 _ - and not all digits")
+    org = Organization(slug=slug, name=name or slug)
+    session.add(org)
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise OrgError("exists", f"organization {slug!r} already exists") from exc
+    secret = new_client_secret()
+    token = new_api_token()
+    session.add(SentryIntegration(org_id=org.id, client_secret=secret))
+    session.add(ApiToken(org_id=org.id, token_hash=hash_token(token)))
+    await session.flush()
+    return NewOrg(org=slug, org_id=org.id, api_token=token, client_secret=secret)
+
+
+async def get_org(session: AsyncSession, slug: str) -> Organization:
+    org = await session.scalar(select(Organization).where(Organization.slug == slug))
+    if org is None:
+        raise OrgError("not_found", f"organization {slug!r} does not exist")
+    return org
+
+
+async def rotate_secret(session: AsyncSession, slug: str) -> str:
+    """New client secret; the current one stays valid as the previous secret until the next rotation."""
+    org = await get_org(session, slug)
+    integration = await session.get(SentryIntegration, org.id, with_for_update=True)
+    if integration is None:
+        raise OrgError("not_found", f"organization {slug!r} has no Sentry integration")
+    secret = new_client_secret()
+    integration.previous_client_secret = integration.client_secret
+    integration.client_secret = secret
+    integration.rotated_at = func.now()
+    await session.flush()
+    return secret
+
+
+async def org_secrets(session: AsyncSession, slug: str) -> tuple[str, ...] | None:
+    """The secrets a webhook of ``slug`` may be signed with, or None for an unknown org."""
+    row = (
+        await session.execute(
+            select(SentryIntegration.client_secret, SentryIntegration.previous_client_secret)
+            .join(Organization, Organization.id == SentryIntegration.org_id)
+            .where(Organization.slug == slug)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    return tuple(s for s in row if s)
