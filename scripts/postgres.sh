@@ -86,6 +86,7 @@ start() {
   fi
   cat > "$ENV_FILE" <<ENV
 PGPORT=$port
+PGDATA=$PG_DIR/data
 BLAMETRAIL_DATABASE_URL=postgresql+psycopg://$DB_USER@127.0.0.1:$port/$DB_NAME
 ENV
   log "PostgreSQL $(basename "$(dirname "$BIN")") listening on 127.0.0.1:$port (data in $PG_DIR)"

@@ -139,6 +139,16 @@ def cmd_org_rotate(args: argparse.Namespace, settings: Settings) -> None:
     _print({"org": args.slug, "client_secret": secret}, True)
 
 
+def cmd_org_set_secret(args: argparse.Namespace, settings: Settings) -> None:
+    from shared.orgs import rotate_secret
+
+    given = sys.stdin.readline().strip()
+    if not given:
+        raise CliError("give the Sentry integration's Client Secret on standard input")
+    _with_session(settings, lambda s: rotate_secret(s, args.slug, given))
+    _print({"org": args.slug, "status": "client secret set; the previous one stays valid until the next change"}, True)
+
+
 def cmd_service_create(args: argparse.Namespace, settings: Settings) -> None:
     from shared.mappings import create_service
     from shared.orgs import get_org
@@ -224,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = org.add_parser("rotate-secret", help="new client secret; the previous stays valid until the next rotation")
     p.add_argument("slug")
     p.set_defaults(func=cmd_org_rotate)
+    p = org.add_parser(
+        "set-secret", help="use the Client Secret Sentry shows for the integration (read from standard input)"
+    )
+    p.add_argument("slug")
+    p.set_defaults(func=cmd_org_set_secret)
 
     service = sub.add_parser("service", help="services").add_subparsers(dest="action", required=True)
     p = service.add_parser("create")

@@ -53,13 +53,16 @@ async def get_org(session: AsyncSession, slug: str) -> Organization:
     return org
 
 
-async def rotate_secret(session: AsyncSession, slug: str) -> str:
-    """New client secret; the current one stays valid as the previous secret until the next rotation."""
+async def rotate_secret(session: AsyncSession, slug: str, secret: str | None = None) -> str:
+    """New client secret (generated, or Sentry's own when given); the current one stays valid as the
+    previous secret until the next rotation."""
+    if secret is not None and not 16 <= len(secret) <= 200:
+        raise OrgError("invalid_secret", "a client secret must be 16-200 characters")
     org = await get_org(session, slug)
     integration = await session.get(SentryIntegration, org.id, with_for_update=True)
     if integration is None:
         raise OrgError("not_found", f"organization {slug!r} has no Sentry integration")
-    secret = new_client_secret()
+    secret = secret or new_client_secret()
     integration.previous_client_secret = integration.client_secret
     integration.client_secret = secret
     integration.rotated_at = func.now()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Stops what scripts/up.sh started. --services-only leaves Kafka and Postgres running.
+source "$(dirname "$0")/common.sh"
+
+for service in ingest router writer admin; do
+  pid_file="$RUN_DIR/$service.pid"
+  pid=$(cat "$pid_file" 2>/dev/null || true)
+  if pid_alive "$pid"; then
+    kill -TERM "$pid"
+    wait_for 30 "$service exit" bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
+    log "stopped $service"
+  fi
+  rm -f "$pid_file"
+done
+if [[ "${1:-}" != "--services-only" ]]; then
+  "$REPO_DIR/scripts/kafka.sh" stop
+  "$REPO_DIR/scripts/postgres.sh" stop
+fi

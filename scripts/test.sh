@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The one test command: lint, type-check, and every test against a real Kafka broker and a real
+# PostgreSQL that this script starts (in .run/test, on free loopback ports) and stops again.
+#   scripts/test.sh [pytest args...]
+source "$(dirname "$0")/common.sh"
+
+BIN=$("$REPO_DIR/scripts/bootstrap.sh")
+export PATH="$BIN:$PATH"
+export BLAMETRAIL_RUN_DIR="$RUN_DIR/test"
+export BLAMETRAIL_PG_DATABASE=blametrail_test
+mkdir -p "$BLAMETRAIL_RUN_DIR"
+
+cd "$REPO_DIR"
+log "ruff"
+ruff check .
+ruff format --check .
+log "mypy"
+mypy
+
+cleanup() {
+  "$REPO_DIR/scripts/kafka.sh" stop || true
+  "$REPO_DIR/scripts/postgres.sh" stop || true
+}
+trap cleanup EXIT
+"$REPO_DIR/scripts/postgres.sh" start >/dev/null
+"$REPO_DIR/scripts/kafka.sh" start >/dev/null
+set -a
+source "$BLAMETRAIL_RUN_DIR/postgres.env"
+source "$BLAMETRAIL_RUN_DIR/kafka.env"
+set +a
+
+log "pytest"
+python -m pytest "$@"

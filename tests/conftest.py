@@ -1,0 +1,80 @@
+"""Fixtures for tests against the real Kafka broker and PostgreSQL started by scripts/test.sh."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from shared.db.session import create_engine, sessionmaker
+from shared.settings import Settings
+
+PAYLOADS = Path(__file__).resolve().parents[2] / "shared" / "sentry" / "payloads"
+
+
+def payloads_dir() -> Path:
+    """The team's Sentry payload corpus (``../shared/sentry/payloads`` beside the repo)."""
+    env = os.environ.get("BLAMETRAIL_PAYLOADS_DIR")
+    path = Path(env) if env else PAYLOADS
+    if not path.is_dir():
+        pytest.fail(f"Sentry payload corpus not found at {path}; set BLAMETRAIL_PAYLOADS_DIR")
+    return path
+
+
+def _require_services() -> None:
+    missing = [v for v in ("BLAMETRAIL_KAFKA_BOOTSTRAP", "BLAMETRAIL_DATABASE_URL") if not os.environ.get(v)]
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} not set: run the tests with scripts/test.sh, which starts Kafka and Postgres"
+        )
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    """Settings for this test session: real services, topics and groups of our own."""
+    _require_services()
+    prefix = f"test-{uuid.uuid4().hex[:8]}."
+    return Settings(
+        topic_prefix=prefix,
+        topic_partitions=3,
+        router_group=prefix + "router",
+        writer_group=prefix + "writer",
+        public_url="http://127.0.0.1:8000",
+    )
+
+
+@pytest.fixture(scope="session")
+def migrated(settings: Settings) -> Settings:
+    from shared.db.migrate import upgrade
+
+    upgrade(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+async def engine(migrated: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(migrated)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return sessionmaker(engine)
+
+
+@pytest.fixture(scope="session")
+async def topics(migrated: Settings) -> Settings:
+    from shared.kafka import create_topics
+
+    await create_topics(migrated)
+    return migrated
+
+
+@pytest.fixture
+def unique_slug() -> Iterator[str]:
+    yield f"org-{uuid.uuid4().hex[:10]}"
