@@ -40,4 +40,10 @@ wait_for() {
   done
 }
 
-pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+# pid_alive PID: the process exists and is not a zombie waiting to be reaped.
+pid_alive() {
+  [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null || return 1
+  local state
+  state=$(sed -E 's/.*\) ([A-Z]).*/\1/' "/proc/$1/stat" 2>/dev/null) || return 0
+  [[ "$state" != "Z" && "$state" != "X" ]]
+}

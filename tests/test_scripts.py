@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,21 @@ def run(script: str, action: str, run_dir: Path, **env: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
 
 
+def crash(pid: int) -> None:
+    """SIGKILL ``pid`` and wait (with a deadline) until it is gone or a zombie."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} survived SIGKILL for 30 s")
+
+
 def accepts(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
@@ -44,7 +60,7 @@ def test_postgres_script_twice_after_crash_and_with_busy_port(tmp_path: Path) ->
     try:
         assert run("postgres.sh", "start", tmp_path) == first  # already running: same server
         pid = int((Path(first["PGDATA"]) / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, signal.SIGKILL)  # a crash leaves a stale postmaster.pid behind
+        crash(pid)  # leaves a stale postmaster.pid behind
         again = run("postgres.sh", "start", tmp_path)
         assert accepts(int(again["PGPORT"]))
     finally:
@@ -62,7 +78,7 @@ def test_kafka_script_twice_after_crash_and_with_busy_port(tmp_path: Path) -> No
     try:
         assert run("kafka.sh", "start", tmp_path) == first
         pid = int((tmp_path / "kafka" / "kafka.pid").read_text())
-        os.kill(pid, signal.SIGKILL)
+        crash(pid)
         again = run("kafka.sh", "start", tmp_path, BLAMETRAIL_KAFKA_HEAP="384m")
         assert accepts(int(again["KAFKA_PORT"]))
     finally:
