@@ -149,6 +149,18 @@ def cmd_org_set_secret(args: argparse.Namespace, settings: Settings) -> None:
     _print({"org": args.slug, "status": "client secret set; the previous one stays valid until the next change"}, True)
 
 
+def cmd_org_legacy(args: argparse.Namespace, settings: Settings) -> None:
+    from shared.orgs import disable_legacy_plugin, enable_legacy_plugin
+
+    if args.state == "off":
+        _with_session(settings, lambda s: disable_legacy_plugin(s, args.slug))
+        _print({"org": args.slug, "legacy_plugin": "off"}, True)
+        return
+    token = _with_session(settings, lambda s: enable_legacy_plugin(s, args.slug))
+    url = f"{settings.public_url.rstrip('/')}/webhooks/sentry-legacy/{args.slug}/{token}"
+    _print({"org": args.slug, "legacy_plugin": "on", "webhook_url": url}, True)
+
+
 def cmd_service_create(args: argparse.Namespace, settings: Settings) -> None:
     from shared.mappings import create_service
     from shared.orgs import get_org
@@ -239,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("slug")
     p.set_defaults(func=cmd_org_set_secret)
+    p = org.add_parser(
+        "legacy-plugin", help="accept Sentry's legacy WebHooks plugin (unsigned) on a secret URL, or stop"
+    )
+    p.add_argument("slug")
+    p.add_argument("state", choices=["on", "off"])
+    p.set_defaults(func=cmd_org_legacy)
 
     service = sub.add_parser("service", help="services").add_subparsers(dest="action", required=True)
     p = service.add_parser("create")

@@ -48,6 +48,13 @@ INGEST_PUBLISH_SECONDS = Histogram(
     "blametrail_ingest_publish_seconds", "Time until Kafka acknowledged a webhook", buckets=LATENCY_BUCKETS
 )
 INGEST_BODY_BYTES = Histogram("blametrail_ingest_body_bytes", "Webhook body sizes", buckets=SIZE_BUCKETS)
+INGEST_SPOOL_DEPTH = Gauge("blametrail_ingest_spool_depth", "Webhooks in the local spool waiting for Kafka")
+INGEST_SPOOL_BYTES = Gauge("blametrail_ingest_spool_bytes", "Bytes of webhooks in the local spool")
+INGEST_SPOOL_OLDEST_AGE = Gauge(
+    "blametrail_ingest_spool_oldest_age_seconds", "Age of the oldest spooled webhook (0 when empty)"
+)
+INGEST_SPOOL_DRAINED = Counter("blametrail_ingest_spool_drained_total", "Spooled webhooks delivered to Kafka")
+INGEST_PRODUCER_RESTARTS = Counter("blametrail_ingest_producer_restarts_total", "Kafka producer recreations")
 
 # Router
 ROUTER_EVENTS = Counter("blametrail_router_events_total", "Events routed or ignored, by reason", ["outcome", "reason"])

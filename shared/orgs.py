@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db.models import ApiToken, Organization, SentryIntegration
-from shared.security import hash_token, new_api_token, new_client_secret
+from shared.security import hash_token, new_api_token, new_client_secret, new_legacy_token
 from shared.sentry import is_valid_slug
 
 
@@ -82,3 +82,33 @@ async def org_secrets(session: AsyncSession, slug: str) -> tuple[str, ...] | Non
     if row is None:
         return None
     return tuple(s for s in row if s)
+
+
+async def enable_legacy_plugin(session: AsyncSession, slug: str) -> str:
+    """Turn on the legacy WebHooks plugin endpoint for an org: returns the URL-path token (shown once)."""
+    org = await get_org(session, slug)
+    integration = await session.get(SentryIntegration, org.id, with_for_update=True)
+    if integration is None:
+        raise OrgError("not_found", f"organization {slug!r} has no Sentry integration")
+    token = new_legacy_token()
+    integration.legacy_plugin_token = hash_token(token).hex()
+    await session.flush()
+    return token
+
+
+async def disable_legacy_plugin(session: AsyncSession, slug: str) -> None:
+    org = await get_org(session, slug)
+    integration = await session.get(SentryIntegration, org.id, with_for_update=True)
+    if integration is not None:
+        integration.legacy_plugin_token = None
+        await session.flush()
+
+
+async def legacy_token_hash(session: AsyncSession, slug: str) -> str | None:
+    """Hex SHA-256 of the org's legacy plugin token, or None when the org is unknown or has it off."""
+    value: str | None = await session.scalar(
+        select(SentryIntegration.legacy_plugin_token)
+        .join(Organization, Organization.id == SentryIntegration.org_id)
+        .where(Organization.slug == slug)
+    )
+    return value

@@ -18,6 +18,11 @@ def new_api_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+def new_legacy_token() -> str:
+    """The secret path segment of the legacy WebHooks plugin URL (the plugin cannot sign)."""
+    return secrets.token_urlsafe(32)
+
+
 def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 

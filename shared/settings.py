@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     publish_timeout_ms: int = Field(default=300, ge=10)
     secret_cache_ttl_seconds: float = Field(default=5.0, ge=0)
+    # Local durable spool for when Kafka cannot acknowledge within publish_timeout_ms.
+    spool_dir: str = "/var/tmp/blametrail-spool"
+    spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024 * 1024)
+    ingest_max_inflight: int = Field(default=1000, ge=1)
 
     # Router
     router_group: str = "blametrail-router"
