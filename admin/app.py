@@ -1,16 +1,19 @@
-"""The admin service: the mappings REST API and the Project Mappings page (filled by the mappings issue).
-
-For now it serves health and metrics so the stack has every service of the card running.
-"""
+"""The admin service: the mappings REST API (``admin.api``), its OpenAPI document, health, metrics."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
 
+from admin.api import ENDPOINTS, PREFIX, error_response, make_handler
+from admin.openapi import build_openapi
+from shared.db.session import create_engine, sessionmaker
 from shared.settings import Settings, get_settings
 
 
@@ -22,7 +25,37 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
+async def not_found(request: Request, exc: Exception) -> Response:
+    return error_response(404, "not_found", f"no such endpoint: {request.method} {request.url.path}")
+
+
+async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
-    app = Starlette(routes=[Route("/healthz", healthz), Route("/metrics", metrics_endpoint)])
-    app.state.settings = settings or get_settings()
+    settings = settings or get_settings()
+    engine = create_engine(settings)
+    sessions = sessionmaker(engine)
+    document = build_openapi()
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await engine.dispose()
+
+    routes: list[BaseRoute] = [
+        Route(PREFIX + e.path, make_handler(e, sessions, settings), methods=[e.method]) for e in ENDPOINTS
+    ]
+    routes += [
+        Route(PREFIX + "/openapi.json", openapi),
+        Route("/healthz", healthz),
+        Route("/metrics", metrics_endpoint),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: method_not_allowed})
+    app.state.settings = settings
+    app.state.engine = engine
     return app

@@ -7,11 +7,15 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from shared.mappings import MappingView
 
 T = TypeVar("T")
 
@@ -25,22 +29,23 @@ def _print(data: Any, as_json: bool, columns: Sequence[str] | None = None) -> No
         print(json.dumps(data, indent=2, default=str))
         return
     rows = data if isinstance(data, list) else [data]
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+    cells = [{c: "" if r.get(c) is None else str(r[c]) for c in columns} for r in rows]
+    widths = {c: max([len(c)] + [len(r[c]) for r in cells]) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for r in cells:
+        print("  ".join(r[c].ljust(widths[c]) for c in columns).rstrip())
 
 
 def _with_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
     from shared.db.session import create_engine, sessionmaker
-    from shared.orgs import OrgError
+    from shared.errors import DomainError
 
     async def run() -> T:
         engine = create_engine(settings, pool_size=1)
         try:
             async with sessionmaker(engine)() as session, session.begin():
                 return await work(session)
-        except OrgError as exc:
+        except DomainError as exc:
             raise CliError(str(exc)) from exc
         finally:
             await engine.dispose()
@@ -184,7 +189,24 @@ def cmd_service_list(args: argparse.Namespace, settings: Settings) -> None:
     _print(_with_session(settings, work), args.json, ["id", "name"])
 
 
-MAPPING_COLUMNS = ["id", "sentry_project_slug", "service_id", "service_name", "active"]
+def cmd_service_delete(args: argparse.Namespace, settings: Settings) -> None:
+    from shared.mappings import delete_service, find_service
+    from shared.orgs import get_org
+
+    async def work(session: AsyncSession) -> dict[str, Any]:
+        org = await get_org(session, args.org)
+        service = await find_service(session, org.id, args.service)
+        await delete_service(session, org.id, service.id)
+        return {"id": service.id, "name": service.name, "deleted": True}
+
+    _print(_with_session(settings, work), args.json, ["id", "name", "deleted"])
+
+
+MAPPING_COLUMNS = ["id", "sentry_project_slug", "service_id", "service_name", "active", "last_event_at"]
+
+
+def _mapping_row(view: MappingView) -> dict[str, Any]:
+    return asdict(view)
 
 
 def cmd_mapping_add(args: argparse.Namespace, settings: Settings) -> None:
@@ -194,14 +216,7 @@ def cmd_mapping_add(args: argparse.Namespace, settings: Settings) -> None:
     async def work(session: AsyncSession) -> dict[str, Any]:
         org = await get_org(session, args.org)
         service = await find_service(session, org.id, args.service)
-        m = await add_mapping(session, org.id, args.project, service.id, active=not args.inactive)
-        return {
-            "id": m.id,
-            "sentry_project_slug": m.sentry_project_slug,
-            "service_id": service.id,
-            "service_name": service.name,
-            "active": m.active,
-        }
+        return _mapping_row(await add_mapping(session, org.id, args.project, service.id, active=not args.inactive))
 
     _print(_with_session(settings, work), args.json, MAPPING_COLUMNS)
 
@@ -212,9 +227,29 @@ def cmd_mapping_list(args: argparse.Namespace, settings: Settings) -> None:
 
     async def work(session: AsyncSession) -> list[dict[str, Any]]:
         org = await get_org(session, args.org)
-        return [v.__dict__ for v in await list_mappings(session, org.id)]
+        return [_mapping_row(v) for v in await list_mappings(session, org.id)]
 
     _print(_with_session(settings, work), args.json, MAPPING_COLUMNS)
+
+
+def cmd_mapping_change(args: argparse.Namespace, settings: Settings) -> None:
+    """edit (``--service``), enable, disable and delete: the mapping is named by id or project slug."""
+    from shared.mappings import delete_mapping, edit_mapping, find_mapping, find_service
+    from shared.orgs import get_org
+
+    async def work(session: AsyncSession) -> dict[str, Any]:
+        org = await get_org(session, args.org)
+        mapping = await find_mapping(session, org.id, args.mapping)
+        if args.action == "delete":
+            await delete_mapping(session, org.id, mapping.id)
+            return {**_mapping_row(mapping), "deleted": True}
+        if args.action == "edit":
+            service = await find_service(session, org.id, args.service)
+            return _mapping_row(await edit_mapping(session, org.id, mapping.id, service_id=service.id))
+        return _mapping_row(await edit_mapping(session, org.id, mapping.id, active=args.action == "enable"))
+
+    columns = MAPPING_COLUMNS + (["deleted"] if args.action == "delete" else [])
+    _print(_with_session(settings, work), args.json, columns)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,8 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_service_list)
 
+    p = service.add_parser("delete", help="delete a service no mapping or incident uses")
+    p.add_argument("--org", required=True)
+    p.add_argument("service", help="service id or name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_service_delete)
+
     mapping = sub.add_parser("mapping", help="Sentry project mappings").add_subparsers(dest="action", required=True)
-    p = mapping.add_parser("add")
+    p = mapping.add_parser("add", help="map a Sentry project to a service")
     p.add_argument("--org", required=True)
     p.add_argument("project", help="Sentry project slug")
     p.add_argument("--service", required=True, help="service id or name")
@@ -281,6 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--org", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mapping_list)
+    for action, text in (
+        ("edit", "point a mapping at another service (existing incidents stay)"),
+        ("enable", "enable a mapping"),
+        ("disable", "disable a mapping (its configuration is kept)"),
+        ("delete", "delete a mapping"),
+    ):
+        p = mapping.add_parser(action, help=text)
+        p.add_argument("--org", required=True)
+        p.add_argument("mapping", help="mapping id or Sentry project slug")
+        if action == "edit":
+            p.add_argument("--service", required=True, help="service id or name")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_mapping_change)
     return parser
 
 

@@ -9,16 +9,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db.models import ApiToken, Organization, SentryIntegration
+from shared.errors import conflict, invalid, not_found
 from shared.security import hash_token, new_api_token, new_client_secret, new_legacy_token
 from shared.sentry import is_valid_slug
-
-
-class OrgError(Exception):
-    """A user-facing error: ``code`` is machine-readable, the message says what to do."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -31,13 +24,15 @@ class NewOrg:
 
 async def create_org(session: AsyncSession, slug: str, name: str | None = None) -> NewOrg:
     if not is_valid_slug(slug):
-        raise OrgError("invalid_slug", f"organization slug {slug!r} must be 1-100 of a-z 0-9 _ - and not all digits")
+        raise invalid(
+            "invalid_slug", f"organization slug {slug!r} must be 1-100 of a-z 0-9 _ - and not all digits", "slug"
+        )
     org = Organization(slug=slug, name=name or slug)
     session.add(org)
     try:
         await session.flush()
     except IntegrityError as exc:
-        raise OrgError("exists", f"organization {slug!r} already exists") from exc
+        raise conflict("exists", f"organization {slug!r} already exists") from exc
     secret = new_client_secret()
     token = new_api_token()
     session.add(SentryIntegration(org_id=org.id, client_secret=secret))
@@ -49,7 +44,7 @@ async def create_org(session: AsyncSession, slug: str, name: str | None = None) 
 async def get_org(session: AsyncSession, slug: str) -> Organization:
     org = await session.scalar(select(Organization).where(Organization.slug == slug))
     if org is None:
-        raise OrgError("not_found", f"organization {slug!r} does not exist")
+        raise not_found("not_found", f"organization {slug!r} does not exist")
     return org
 
 
@@ -57,11 +52,11 @@ async def rotate_secret(session: AsyncSession, slug: str, secret: str | None = N
     """New client secret (generated, or Sentry's own when given); the current one stays valid as the
     previous secret until the next rotation."""
     if secret is not None and not 16 <= len(secret) <= 200:
-        raise OrgError("invalid_secret", "a client secret must be 16-200 characters")
+        raise invalid("invalid_secret", "a client secret must be 16-200 characters", "client_secret")
     org = await get_org(session, slug)
     integration = await session.get(SentryIntegration, org.id, with_for_update=True)
     if integration is None:
-        raise OrgError("not_found", f"organization {slug!r} has no Sentry integration")
+        raise not_found("not_found", f"organization {slug!r} has no Sentry integration")
     secret = secret or new_client_secret()
     integration.previous_client_secret = integration.client_secret
     integration.client_secret = secret
@@ -89,7 +84,7 @@ async def enable_legacy_plugin(session: AsyncSession, slug: str) -> str:
     org = await get_org(session, slug)
     integration = await session.get(SentryIntegration, org.id, with_for_update=True)
     if integration is None:
-        raise OrgError("not_found", f"organization {slug!r} has no Sentry integration")
+        raise not_found("not_found", f"organization {slug!r} has no Sentry integration")
     token = new_legacy_token()
     integration.legacy_plugin_token = hash_token(token).hex()
     await session.flush()

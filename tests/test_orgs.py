@@ -7,7 +7,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db.models import ApiToken
-from shared.orgs import OrgError, create_org, org_secrets, rotate_secret
+from shared.errors import DomainError
+from shared.orgs import create_org, org_secrets, rotate_secret
 from shared.security import hash_token
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,7 @@ async def test_rotation_keeps_the_previous_secret_until_the_next_one(
 @pytest.mark.parametrize("slug", ["UPPER", "123", "", "a" * 101, "has space"])
 async def test_invalid_org_slug_is_refused(sessions: async_sessionmaker[AsyncSession], slug: str) -> None:
     async with sessions() as session, session.begin():
-        with pytest.raises(OrgError) as info:
+        with pytest.raises(DomainError) as info:
             await create_org(session, slug)
     assert info.value.code == "invalid_slug"
 
@@ -53,6 +54,6 @@ async def test_duplicate_org_is_refused(sessions: async_sessionmaker[AsyncSessio
     async with sessions() as session, session.begin():
         await create_org(session, unique_slug)
     async with sessions() as session, session.begin():
-        with pytest.raises(OrgError) as info:
+        with pytest.raises(DomainError) as info:
             await create_org(session, unique_slug)
     assert info.value.code == "exists"

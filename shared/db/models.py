@@ -151,8 +151,8 @@ class AuditRecord(Base):
     __tablename__ = "audit_records"
     __table_args__ = (
         UniqueConstraint("delivery_id", "project_slug", postgresql_nulls_not_distinct=True),
-        Index("ix_audit_records_org_id_processed_at", "org_id", "processed_at"),
-        Index("ix_audit_records_org_project_received", "org_slug", "project_slug", "received_at"),
+        Index("ix_audit_records_org_id_id", "org_id", "id"),
+        Index("ix_audit_records_org_project_received", "org_id", "project_slug", "received_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

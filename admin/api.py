@@ -1,0 +1,314 @@
+"""The admin REST API under ``/api/v1``: one table of endpoints feeds both the routes and OpenAPI.
+
+Every call needs ``Authorization: Bearer <org API token>`` and sees only that org: another org's
+ids answer 404 exactly like missing ones. Each call runs in one database transaction. Errors are
+``{"error": {"code", "message", "field"?}}`` with 400 (malformed JSON), 401, 404, 409 or 422.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from admin import schemas
+from shared import mappings
+from shared.db.models import ApiToken, AuditRecord, Incident, Organization, SentryIntegration, SentryProjectMapping
+from shared.errors import DomainError, ErrorKind
+from shared.security import hash_token
+from shared.settings import Settings
+
+PREFIX = "/api/v1"
+M = TypeVar("M", bound=BaseModel)
+STATUS = {ErrorKind.INVALID: 422, ErrorKind.NOT_FOUND: 404, ErrorKind.CONFLICT: 409}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+@dataclass
+class Call:
+    """What a handler gets: the request, its org, and a session inside the call's transaction."""
+
+    request: Request
+    session: AsyncSession
+    org_id: int
+    org_slug: str
+    settings: Settings
+
+    def path_int(self, name: str) -> int:
+        value: int = self.request.path_params[name]
+        return value
+
+    async def body(self, model: type[M]) -> M:
+        raw = await self.request.body()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from exc
+        return validate(model, data)
+
+    def query(self, model: type[M]) -> M:
+        return validate(model, dict(self.request.query_params))
+
+
+def validate(model: type[M], data: object) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        message = f"{field}: {first['msg']}" if field else first["msg"]
+        raise ApiError(422, "invalid", message, field) from exc
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
+    detail: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        detail["field"] = field
+    return JSONResponse({"error": detail}, status_code=status)
+
+
+def json_response(data: BaseModel | Sequence[BaseModel], status: int = 200) -> Response:
+    if isinstance(data, BaseModel):
+        content = data.model_dump_json().encode()
+    else:
+        content = b"[" + b",".join(item.model_dump_json().encode() for item in data) + b"]"
+    return Response(content, status_code=status, media_type="application/json")
+
+
+def next_link(request: Request, cursor: int | None) -> str | None:
+    if cursor is None:
+        return None
+    params = {k: v for k, v in request.query_params.items() if k != "cursor"}
+    params["cursor"] = str(cursor)
+    return f"{request.url.path}?{urlencode(params)}"
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+async def list_services(call: Call) -> Response:
+    services = await mappings.list_services(call.session, call.org_id)
+    return json_response([schemas.ServiceOut.model_validate(s) for s in services])
+
+
+async def create_service(call: Call) -> Response:
+    body = await call.body(schemas.ServiceIn)
+    service = await mappings.create_service(call.session, call.org_id, body.name)
+    return json_response(schemas.ServiceOut.model_validate(service), 201)
+
+
+async def delete_service(call: Call) -> Response:
+    await mappings.delete_service(call.session, call.org_id, call.path_int("service_id"))
+    return Response(status_code=204)
+
+
+async def get_integration(call: Call) -> Response:
+    integration = await call.session.get(SentryIntegration, call.org_id)
+    counts = (
+        await call.session.execute(
+            select(func.count(), func.count().filter(SentryProjectMapping.active)).where(
+                SentryProjectMapping.org_id == call.org_id
+            )
+        )
+    ).one()
+    last_event: datetime | None = await call.session.scalar(
+        select(func.max(AuditRecord.received_at)).where(AuditRecord.org_id == call.org_id)
+    )
+    out = schemas.IntegrationOut(
+        org=call.org_slug,
+        webhook_url=call.settings.webhook_url(call.org_slug),
+        status="active",
+        secret_rotated_at=integration.rotated_at if integration else None,
+        previous_secret_valid=bool(integration and integration.previous_client_secret),
+        legacy_plugin_enabled=bool(integration and integration.legacy_plugin_token),
+        mappings=counts[0],
+        active_mappings=counts[1],
+        last_event_at=last_event,
+    )
+    return json_response(out)
+
+
+async def list_mappings(call: Call) -> Response:
+    views = await mappings.list_mappings(call.session, call.org_id)
+    return json_response([schemas.MappingOut.model_validate(v) for v in views])
+
+
+async def create_mapping(call: Call) -> Response:
+    body = await call.body(schemas.MappingIn)
+    view = await mappings.add_mapping(
+        call.session, call.org_id, body.sentry_project_slug, body.service_id, active=body.active
+    )
+    return json_response(schemas.MappingOut.model_validate(view), 201)
+
+
+async def edit_mapping(call: Call) -> Response:
+    body = await call.body(schemas.MappingPatch)
+    view = await mappings.edit_mapping(
+        call.session, call.org_id, call.path_int("mapping_id"), service_id=body.service_id, active=body.active
+    )
+    return json_response(schemas.MappingOut.model_validate(view))
+
+
+async def delete_mapping(call: Call) -> Response:
+    await mappings.delete_mapping(call.session, call.org_id, call.path_int("mapping_id"))
+    return Response(status_code=204)
+
+
+async def list_unmapped(call: Call) -> Response:
+    query = call.query(schemas.UnmappedQuery)
+    found = await mappings.unmapped_projects(call.session, call.org_id, days=query.days)
+    return json_response([schemas.UnmappedProjectOut.model_validate(p) for p in found])
+
+
+async def list_incidents(call: Call) -> Response:
+    q = call.query(schemas.IncidentQuery)
+    stmt = select(Incident).where(Incident.org_id == call.org_id)
+    if q.service_id is not None:
+        stmt = stmt.where(Incident.service_id == q.service_id)
+    if q.status is not None:
+        stmt = stmt.where(Incident.status == q.status)
+    if q.cursor is not None:
+        stmt = stmt.where(Incident.id < q.cursor)
+    rows = list(await call.session.scalars(stmt.order_by(Incident.id.desc()).limit(q.limit + 1)))
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    page = schemas.IncidentPage(
+        items=[schemas.IncidentOut.model_validate(r) for r in rows],
+        next=next_link(call.request, rows[-1].id if more else None),
+    )
+    return json_response(page)
+
+
+async def list_audit(call: Call) -> Response:
+    q = call.query(schemas.AuditQuery)
+    stmt = select(AuditRecord).where(AuditRecord.org_id == call.org_id)
+    if q.outcome is not None:
+        stmt = stmt.where(AuditRecord.outcome == q.outcome)
+    if q.reason is not None:
+        stmt = stmt.where(AuditRecord.reason == q.reason)
+    if q.project is not None:
+        stmt = stmt.where(AuditRecord.project_slug == q.project)
+    if q.since is not None:
+        stmt = stmt.where(AuditRecord.received_at >= q.since)
+    if q.cursor is not None:
+        stmt = stmt.where(AuditRecord.id < q.cursor)
+    rows = list(await call.session.scalars(stmt.order_by(AuditRecord.id.desc()).limit(q.limit + 1)))
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    page = schemas.AuditPage(
+        items=[schemas.AuditRecordOut.model_validate(r) for r in rows],
+        next=next_link(call.request, rows[-1].id if more else None),
+    )
+    return json_response(page)
+
+
+# --- the endpoint table -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str  # Starlette path under PREFIX, with ``{name:int}`` converters
+    handler: Callable[[Call], Awaitable[Response]]
+    summary: str
+    status: int = 200
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    many: bool = False  # the response is a JSON array of ``response``
+    errors: tuple[int, ...] = ()
+
+
+MAPPING = "/integrations/sentry/mappings/{mapping_id:int}"
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("GET", "/services", list_services, "List services", response=schemas.ServiceOut, many=True),
+    Endpoint(
+        "POST", "/services", create_service, "Create a service", 201, body=schemas.ServiceIn,
+        response=schemas.ServiceOut, errors=(400, 409, 422),
+    ),
+    Endpoint(
+        "DELETE", "/services/{service_id:int}", delete_service,
+        "Delete a service (409 while mappings or incidents use it)", 204, errors=(404, 409),
+    ),
+    Endpoint(
+        "GET", "/integrations/sentry", get_integration, "Webhook URL and integration status",
+        response=schemas.IntegrationOut,
+    ),
+    Endpoint(
+        "GET", "/integrations/sentry/mappings", list_mappings, "List Sentry project mappings",
+        response=schemas.MappingOut, many=True,
+    ),
+    Endpoint(
+        "POST", "/integrations/sentry/mappings", create_mapping, "Map a Sentry project to a service", 201,
+        body=schemas.MappingIn, response=schemas.MappingOut, errors=(400, 409, 422),
+    ),
+    Endpoint(
+        "PATCH", MAPPING, edit_mapping, "Change a mapping's service, enable or disable it",
+        body=schemas.MappingPatch, response=schemas.MappingOut, errors=(400, 404, 422),
+    ),
+    Endpoint("DELETE", MAPPING, delete_mapping, "Delete a mapping", 204, errors=(404,)),
+    Endpoint(
+        "GET", "/integrations/sentry/unmapped-projects", list_unmapped,
+        "Projects that sent events recently and have no mapping", query=schemas.UnmappedQuery,
+        response=schemas.UnmappedProjectOut, many=True, errors=(422,),
+    ),
+    Endpoint(
+        "GET", "/incidents", list_incidents, "Incidents, newest first", query=schemas.IncidentQuery,
+        response=schemas.IncidentPage, errors=(422,),
+    ),
+    Endpoint(
+        "GET", "/integrations/sentry/audit", list_audit, "Audit records, newest first", query=schemas.AuditQuery,
+        response=schemas.AuditPage, errors=(422,),
+    ),
+)  # fmt: skip
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+
+
+async def authenticate(session: AsyncSession, request: Request) -> tuple[int, str]:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthorized", "send Authorization: Bearer <API token>")
+    row = (
+        await session.execute(
+            select(Organization.id, Organization.slug)
+            .join(ApiToken, ApiToken.org_id == Organization.id)
+            .where(ApiToken.token_hash == hash_token(token.strip()), ApiToken.revoked_at.is_(None))
+        )
+    ).one_or_none()
+    if row is None:
+        raise ApiError(401, "unauthorized", "the API token is not valid")
+    return int(row[0]), str(row[1])
+
+
+def make_handler(
+    endpoint: Endpoint, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> Callable[[Request], Awaitable[Response]]:
+    async def handle(request: Request) -> Response:
+        try:
+            async with sessions() as session, session.begin():
+                org_id, org_slug = await authenticate(session, request)
+                return await endpoint.handler(Call(request, session, org_id, org_slug, settings))
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message, exc.field)
+        except DomainError as exc:
+            return error_response(STATUS[exc.kind], exc.code, exc.message, exc.field)
+
+    handle.__name__ = endpoint.handler.__name__
+    return handle
