@@ -23,7 +23,7 @@ from router.routing import route
 from shared import events, metrics
 from shared.db.session import create_engine, libpq_url, sessionmaker
 from shared.kafka import Headers, dead_letter_headers, header_map, make_consumer, make_producer
-from shared.runtime import RebalanceMetrics, record_lag
+from shared.runtime import DeadLetterBudget, RebalanceGuard, record_lag
 from shared.sentry import parse_webhook
 from shared.settings import Settings
 from shared.topics import Topics
@@ -117,11 +117,13 @@ class Router:
         self.cache = MappingCache(sessionmaker(self._engine), libpq_url(settings), settings.mapping_refresh_seconds)
         self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=self.group, client_id="blametrail-router")
         self.producer: AIOKafkaProducer = make_producer(settings, client_id="blametrail-router")
+        self.guard = RebalanceGuard(self.group)
+        self.dead_letters = DeadLetterBudget(settings.router_dlq_max_ratio, settings.router_dlq_window)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.cache.start()
         await self.producer.start()
-        self.consumer.subscribe([self.topics.raw], listener=RebalanceMetrics(self.group))
+        self.consumer.subscribe([self.topics.raw], listener=self.guard)
         await self.consumer.start()
         log.info("router consuming %s", self.topics.raw)
         try:
@@ -131,7 +133,8 @@ class Router:
                     max_records=self.settings.consumer_batch_max,
                 )
                 if batch:
-                    await self.handle_batch(batch)
+                    async with self.guard.batch():
+                        await self.handle_batch(batch)
         finally:
             await self.consumer.stop()
             await self.producer.stop()
@@ -148,10 +151,13 @@ class Router:
                 count += 1
                 try:
                     outputs = route_record(record, self.cache, self.topics)
-                except Undecodable as exc:
-                    log.warning("dead-lettering %s[%d]@%d: %s", tp.topic, tp.partition, record.offset, exc)
+                    self.dead_letters.record(dead=False)
+                except Exception as exc:  # one bad record must not stop the partition
+                    stage = "router.decode" if isinstance(exc, Undecodable) else "router.route"
+                    log.warning("dead-lettering %s[%d]@%d (%s): %r", tp.topic, tp.partition, record.offset, stage, exc)
+                    self.dead_letters.record(dead=True)
                     metrics.DLQ_MESSAGES.labels(stage="router").inc()
-                    outputs = [dead_letter(record, str(exc), "router.decode", self.topics)]
+                    outputs = [dead_letter(record, str(exc), stage, self.topics)]
                 for out in outputs:
                     sends.append(await self.producer.send(out.topic, value=out.value, key=out.key, headers=out.headers))
                 metrics.CONSUMER_PROCESSING_SECONDS.labels(group=self.group).observe(

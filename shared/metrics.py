@@ -84,6 +84,9 @@ CONSUMER_COMMITS = Counter("blametrail_consumer_commits_total", "Offset commits"
 CONSUMER_REBALANCES = Counter(
     "blametrail_consumer_rebalances_total", "Partition assignments and revocations", ["group", "kind"]
 )
+CONSUMER_ASSIGNED_PARTITIONS = Gauge(
+    "blametrail_consumer_assigned_partitions", "Partitions this process owns in its group", ["group"]
+)
 CONSUMER_LAG = Gauge(
     "blametrail_consumer_lag", "Records behind the end of the partition", ["group", "topic", "partition"]
 )

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     router_group: str = "blametrail-router"
     router_metrics_port: int = 9101
     mapping_refresh_seconds: float = Field(default=30.0, gt=0)
+    # Stop loudly when more than this share of the last dlq_window records went to the DLQ.
+    router_dlq_max_ratio: float = Field(default=0.1, gt=0, le=1)
+    router_dlq_window: int = Field(default=1000, ge=10)
 
     # Incident writer
     writer_group: str = "blametrail-writer"

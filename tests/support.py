@@ -75,9 +75,11 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
+        """SIGKILL the process group: a crash, with no chance to clean up."""
         if self.alive():
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+        self._log.close()
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.alive():
