@@ -15,8 +15,9 @@ from urllib.parse import urlencode
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -29,6 +30,7 @@ from shared.settings import Settings
 
 PREFIX = "/api/v1"
 M = TypeVar("M", bound=BaseModel)
+Row = TypeVar("Row", Incident, AuditRecord)
 STATUS = {ErrorKind.INVALID: 422, ErrorKind.NOT_FOUND: 404, ErrorKind.CONFLICT: 409}
 
 
@@ -174,6 +176,18 @@ async def list_unmapped(call: Call) -> Response:
     return json_response([schemas.UnmappedProjectOut.model_validate(p) for p in found])
 
 
+async def keyset_page(
+    call: Call, stmt: Select[Row], id_column: InstrumentedAttribute[int], limit: int, cursor: int | None
+) -> tuple[list[Row], str | None]:
+    """One page, newest (highest id) first, and the link to the next page (None on the last)."""
+    if cursor is not None:
+        stmt = stmt.where(id_column < cursor)
+    rows = list(await call.session.scalars(stmt.order_by(id_column.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, next_link(call.request, rows[-1].id if more else None)
+
+
 async def list_incidents(call: Call) -> Response:
     q = call.query(schemas.IncidentQuery)
     stmt = select(Incident).where(Incident.org_id == call.org_id)
@@ -181,16 +195,10 @@ async def list_incidents(call: Call) -> Response:
         stmt = stmt.where(Incident.service_id == q.service_id)
     if q.status is not None:
         stmt = stmt.where(Incident.status == q.status)
-    if q.cursor is not None:
-        stmt = stmt.where(Incident.id < q.cursor)
-    rows = list(await call.session.scalars(stmt.order_by(Incident.id.desc()).limit(q.limit + 1)))
-    more = len(rows) > q.limit
-    rows = rows[: q.limit]
-    page = schemas.IncidentPage(
-        items=[schemas.IncidentOut.model_validate(r) for r in rows],
-        next=next_link(call.request, rows[-1].id if more else None),
+    rows, next_page = await keyset_page(call, stmt, Incident.id, q.limit, q.cursor)
+    return json_response(
+        schemas.IncidentPage(items=[schemas.IncidentOut.model_validate(r) for r in rows], next=next_page)
     )
-    return json_response(page)
 
 
 async def list_audit(call: Call) -> Response:
@@ -204,16 +212,10 @@ async def list_audit(call: Call) -> Response:
         stmt = stmt.where(AuditRecord.project_slug == q.project)
     if q.since is not None:
         stmt = stmt.where(AuditRecord.received_at >= q.since)
-    if q.cursor is not None:
-        stmt = stmt.where(AuditRecord.id < q.cursor)
-    rows = list(await call.session.scalars(stmt.order_by(AuditRecord.id.desc()).limit(q.limit + 1)))
-    more = len(rows) > q.limit
-    rows = rows[: q.limit]
-    page = schemas.AuditPage(
-        items=[schemas.AuditRecordOut.model_validate(r) for r in rows],
-        next=next_link(call.request, rows[-1].id if more else None),
+    rows, next_page = await keyset_page(call, stmt, AuditRecord.id, q.limit, q.cursor)
+    return json_response(
+        schemas.AuditPage(items=[schemas.AuditRecordOut.model_validate(r) for r in rows], next=next_page)
     )
-    return json_response(page)
 
 
 # --- the endpoint table -----------------------------------------------------------------------
