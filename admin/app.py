@@ -1,20 +1,29 @@
-"""The admin service: the mappings REST API (``admin.api``), its OpenAPI document, health, metrics."""
+"""The admin service: the mappings REST API (``admin.api``), its OpenAPI document, the Project
+Mappings web page (``admin/static``, a client of the API), health and metrics."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from admin.api import ENDPOINTS, PREFIX, error_response, make_handler
 from admin.openapi import build_openapi
 from shared.db.session import create_engine, sessionmaker
 from shared.settings import Settings, get_settings
+
+STATIC = Path(__file__).with_name("static")
+
+
+async def mappings_page(request: Request) -> Response:
+    return FileResponse(STATIC / "mappings.html")
 
 
 async def healthz(request: Request) -> Response:
@@ -52,6 +61,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     routes += [
         Route(PREFIX + "/openapi.json", openapi),
+        Route("/", mappings_page),
+        Route("/integrations/sentry/mappings", mappings_page),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint),
     ]

@@ -17,6 +17,14 @@ ruff format --check .
 log "mypy"
 mypy
 
+# The browser tests drive Debian's Chromium (Playwright without its own browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  log "installing Chromium for the browser tests (apt-get)"
+  sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  $sudo apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium >&2 || die "could not install chromium"
+fi
+
 cleanup() {
   "$REPO_DIR/scripts/kafka.sh" stop || true
   "$REPO_DIR/scripts/postgres.sh" stop || true
