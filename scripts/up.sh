@@ -73,7 +73,7 @@ cat <<MSG
 BlameTrail is up (logs in $LOG_DIR; stop with scripts/down.sh).
 
   ingest     $BLAMETRAIL_PUBLIC_URL   (metrics: /metrics)
-  admin      http://127.0.0.1:$BLAMETRAIL_ADMIN_PORT
+  admin      http://127.0.0.1:$BLAMETRAIL_ADMIN_PORT/   (Project Mappings page: sign in with the API token)
   router     metrics http://127.0.0.1:$BLAMETRAIL_ROUTER_METRICS_PORT/metrics
   writer     metrics http://127.0.0.1:$BLAMETRAIL_WRITER_METRICS_PORT/metrics
   kafka      $BLAMETRAIL_KAFKA_BOOTSTRAP
