@@ -1,32 +1,48 @@
-"""The ingest service: verify a Sentry webhook, make it durable in Kafka, answer 200.
+"""The ingest service: verify a Sentry webhook, make it durable, answer 200.
 
-Thin by design: no mapping logic here. The body goes to ``sentry.webhooks.raw`` byte for byte.
+Thin by design: no mapping logic here. The body goes to ``sentry.webhooks.raw`` byte for byte,
+through Kafka's acknowledgement or the local spool (``ingest/publisher.py``).
+
+Answers (every one counted in ``blametrail_ingest_requests_total`` by resource and outcome):
+
+- 200 ``accepted`` (Kafka acknowledged) or ``spooled`` (fsync'd in the local spool);
+- 401 ``bad_signature``: missing/invalid signature, unknown org, wrong or disabled legacy token —
+  one body for all, so org slugs cannot be enumerated;
+- 400 ``bad_json``: the body is not JSON (the message says why);
+- 413 ``too_large``: over ``BLAMETRAIL_MAX_BODY_BYTES`` (declared or counted while streaming);
+- 503 ``unavailable`` with ``Retry-After``: the event could not be made durable (or the database
+  holding the secrets is down and nothing is cached).
+
+Never a 3xx: Sentry counts a redirect as delivered.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ingest.secrets import SecretCache
+from ingest.logs import configure_logging
+from ingest.publisher import Producer, Publisher, Unavailable
+from ingest.secrets import LegacyTokenCache, SecretCache
+from ingest.spool import AsyncSpool, SpooledMessage, SpoolError
 from shared import events, metrics
 from shared.db.session import create_engine, sessionmaker
-from shared.kafka import Headers, make_producer
-from shared.security import signature_matches
-from shared.sentry import KNOWN_RESOURCES, is_valid_slug, parse_webhook, partition_key
+from shared.kafka import make_producer
+from shared.security import hash_token, signature_matches
+from shared.sentry import KNOWN_RESOURCES, LEGACY, is_valid_slug, parse_webhook, partition_key
 from shared.settings import Settings, get_settings
 from shared.topics import Topics
 
@@ -35,6 +51,7 @@ log = logging.getLogger("blametrail.ingest")
 INGEST_VERSION = "1"
 RESOURCE_HEADER = "sentry-hook-resource"
 SIGNATURE_HEADER = "sentry-hook-signature"
+RETRY_AFTER = "5"
 
 
 class BodyTooLarge(Exception):
@@ -46,12 +63,28 @@ class IngestState:
     settings: Settings
     topics: Topics
     secrets: SecretCache
-    producer: AIOKafkaProducer
-    producer_ready: bool = False
+    legacy_tokens: LegacyTokenCache
+    publisher: Publisher
+
+
+# An endpoint body: the response and its outcome label.
+Handler = Callable[[IngestState, Request], Awaitable[tuple[Response, str]]]
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _unauthorized() -> tuple[Response, str]:
+    # Same answer for an unknown org, a bad signature and a bad legacy token: no org enumeration.
+    return _error(401, "bad_signature", "missing or invalid Sentry-Hook-Signature"), "bad_signature"
+
+
+def _unavailable(message: str) -> tuple[Response, str]:
+    response = JSONResponse(
+        {"error": {"code": "unavailable", "message": message}}, status_code=503, headers={"Retry-After": RETRY_AFTER}
+    )
+    return response, "unavailable"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -69,39 +102,84 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def webhook(request: Request) -> Response:
+def _resource_label(resource: str) -> str:
+    return resource if resource in KNOWN_RESOURCES else "other"
+
+
+async def _answer(request: Request, resource: str, handle: Handler) -> Response:
+    """Run ``handle`` and count its outcome and latency."""
     state: IngestState = request.app.state.ingest
     started = time.perf_counter()
-    org = request.path_params["org"]
-    resource = (request.headers.get(RESOURCE_HEADER) or "").strip().lower()[:64] or "unknown"
     outcome = "error"
     try:
-        response, outcome = await _handle(state, request, org, resource)
+        response, outcome = await handle(state, request)
         return response
     finally:
         metrics.INGEST_REQUESTS.labels(resource=_resource_label(resource), outcome=outcome).inc()
         metrics.INGEST_REQUEST_SECONDS.observe(time.perf_counter() - started)
 
 
-def _resource_label(resource: str) -> str:
-    return resource if resource in KNOWN_RESOURCES else "other"
+async def webhook(request: Request) -> Response:
+    """``POST /webhooks/sentry/{org}``: a signed Sentry Integration Platform webhook."""
+    org = request.path_params["org"]
+    resource = (request.headers.get(RESOURCE_HEADER) or "").strip().lower()[:64] or "unknown"
+
+    async def handle(state: IngestState, request: Request) -> tuple[Response, str]:
+        try:
+            body = await read_body(request, state.settings.max_body_bytes)
+        except BodyTooLarge:
+            return _too_large(state)
+        except ClientDisconnect:
+            return Response(status_code=400), "disconnected"
+        metrics.INGEST_BODY_BYTES.observe(len(body))
+        try:
+            secrets = await state.secrets.get(org) if is_valid_slug(org) else None
+        except Exception as exc:
+            log.error("cannot load the secrets of org %s: %r", org, exc)
+            return _unavailable("credentials cannot be checked right now; retry")
+        if secrets is None or not signature_matches(request.headers.get(SIGNATURE_HEADER), body, secrets):
+            return _unauthorized()
+        return await _publish(state, request, org, resource, body)
+
+    return await _answer(request, resource, handle)
 
 
-async def _handle(state: IngestState, request: Request, org: str, resource: str) -> tuple[Response, str]:
-    settings = state.settings
-    try:
-        body = await read_body(request, settings.max_body_bytes)
-    except BodyTooLarge:
-        return _error(413, "too_large", f"body is larger than {settings.max_body_bytes} bytes"), "too_large"
-    except ClientDisconnect:
-        return Response(status_code=400), "disconnected"
-    metrics.INGEST_BODY_BYTES.observe(len(body))
+async def legacy_webhook(request: Request) -> Response:
+    """``POST /webhooks/sentry-legacy/{org}/{token}``: Sentry's legacy WebHooks plugin (unsigned).
 
-    secrets = await state.secrets.get(org) if is_valid_slug(org) else None
-    if secrets is None or not signature_matches(request.headers.get(SIGNATURE_HEADER), body, secrets):
-        # Same answer for an unknown org and a bad signature: no org enumeration.
-        return _error(401, "bad_signature", "missing or invalid Sentry-Hook-Signature"), "bad_signature"
+    Accepted only when the org turned it on (``blametrail org legacy-plugin SLUG on``) and the URL
+    token hashes to the stored one (constant-time compare). Published with resource ``legacy_webhook``.
+    """
+    org = request.path_params["org"]
+    token = request.path_params["token"]
 
+    async def handle(state: IngestState, request: Request) -> tuple[Response, str]:
+        try:
+            body = await read_body(request, state.settings.max_body_bytes)
+        except BodyTooLarge:
+            return _too_large(state)
+        except ClientDisconnect:
+            return Response(status_code=400), "disconnected"
+        metrics.INGEST_BODY_BYTES.observe(len(body))
+        try:
+            expected = await state.legacy_tokens.get(org) if is_valid_slug(org) else None
+        except Exception as exc:
+            log.error("cannot load the legacy plugin token of org %s: %r", org, exc)
+            return _unavailable("credentials cannot be checked right now; retry")
+        given = hash_token(token).hex().encode()
+        if expected is None or not hmac.compare_digest(given, expected.strip().lower().encode()):
+            return _unauthorized()
+        return await _publish(state, request, org, LEGACY, body)
+
+    return await _answer(request, LEGACY, handle)
+
+
+def _too_large(state: IngestState) -> tuple[Response, str]:
+    limit = state.settings.max_body_bytes
+    return _error(413, "too_large", f"body is larger than {limit} bytes"), "too_large"
+
+
+async def _publish(state: IngestState, request: Request, org: str, resource: str, body: bytes) -> tuple[Response, str]:
     try:
         decoded = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -109,7 +187,7 @@ async def _handle(state: IngestState, request: Request, org: str, resource: str)
 
     parsed = parse_webhook(resource, decoded)
     received_at = events.utc_now()
-    headers: Headers = [
+    headers = (
         (events.H_ORG, org.encode()),
         (events.H_RESOURCE, resource.encode()),
         (events.H_REQUEST_ID, (request.headers.get("request-id") or uuid.uuid4().hex)[:64].encode()),
@@ -118,25 +196,20 @@ async def _handle(state: IngestState, request: Request, org: str, resource: str)
         (events.H_DELIVERY_ID, events.delivery_id(org, resource, body).encode()),
         (events.H_CONTENT_TYPE, (request.headers.get("content-type") or "")[:100].encode()),
         (events.H_INGEST_VERSION, INGEST_VERSION.encode()),
-    ]
-    key = partition_key(org, parsed).encode()
-    publish_started = time.perf_counter()
-    producer = state.producer
+    )
+    message = SpooledMessage(
+        topic=state.topics.raw,
+        key=partition_key(org, parsed).encode(),
+        value=body,
+        headers=headers,
+        received_at=received_at.timestamp(),
+    )
     try:
-        future = await producer.send(state.topics.raw, value=body, key=key, headers=headers)
-        await asyncio.wait_for(asyncio.shield(future), settings.publish_timeout_ms / 1000)
-    except Exception as exc:
-        log.warning("publish failed for org %s: %r", org, exc)
-        return (
-            JSONResponse(
-                {"error": {"code": "unavailable", "message": "event could not be made durable; retry"}},
-                status_code=503,
-                headers={"Retry-After": "5"},
-            ),
-            "unavailable",
-        )
-    metrics.INGEST_PUBLISH_SECONDS.observe(time.perf_counter() - publish_started)
-    return JSONResponse({"status": "accepted"}), "accepted"
+        outcome = await state.publisher.publish(message)
+    except Unavailable as exc:
+        log.error("webhook of org %s could not be made durable: %s", org, exc)
+        return _unavailable("event could not be made durable; retry")
+    return JSONResponse({"status": outcome.value}), outcome.value
 
 
 async def healthz(request: Request) -> Response:
@@ -144,10 +217,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    state: IngestState = request.app.state.ingest
-    if state.producer_ready:
-        return PlainTextResponse("ready")
-    return PlainTextResponse("producer not connected", status_code=503)
+    """200 while webhooks can be made durable: the producer is connected or the spool is writable."""
+    publisher: Publisher = request.app.state.ingest.publisher
+    kafka = "connected" if publisher.producer_connected else "not connected"
+    spool = "writable" if publisher.spool_writable else "not writable"
+    text = f"kafka producer {kafka}; spool {spool} ({publisher.spool.total_depth} waiting)"
+    status = 200 if publisher.producer_connected or publisher.spool_writable else 503
+    return PlainTextResponse(text, status_code=status)
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -155,32 +231,58 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
+    """The ingest ASGI app. Its lifespan opens the spool (startup fails if ``spool_dir`` is not
+    usable: ingest must not run without its durability net), starts the publisher and, on shutdown,
+    stops draining, flushes the producer and leaves unsent rows in the spool for the next start."""
     settings = settings or get_settings()
+    configure_logging()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = create_engine(settings, pool_size=2)
-        producer = make_producer(settings, client_id="blametrail-ingest")
-        state = IngestState(
-            settings=settings,
-            topics=Topics.from_settings(settings),
-            secrets=SecretCache(sessionmaker(engine), settings.secret_cache_ttl_seconds),
-            producer=producer,
+        sessions = sessionmaker(engine)
+        try:
+            spool = await AsyncSpool.open(
+                Path(settings.spool_dir), settings.spool_max_bytes, headroom=settings.max_body_bytes
+            )
+        except SpoolError:
+            await engine.dispose()
+            raise
+        log.info("spool %s (%d waiting)", spool.path, spool.total_depth)
+        topics = Topics.from_settings(settings)
+
+        def new_producer() -> Producer:
+            producer: Producer = make_producer(settings, client_id="blametrail-ingest")
+            return producer
+
+        publisher = Publisher(
+            spool,
+            new_producer,
+            topic=topics.raw,
+            publish_timeout=settings.publish_timeout_ms / 1000,
+            max_inflight=settings.ingest_max_inflight,
+            bootstrap=settings.kafka_bootstrap,
         )
-        app.state.ingest = state
-        await producer.start()
-        state.producer_ready = True
+        app.state.ingest = IngestState(
+            settings=settings,
+            topics=topics,
+            secrets=SecretCache(sessions, settings.secret_cache_ttl_seconds),
+            legacy_tokens=LegacyTokenCache(sessions, settings.secret_cache_ttl_seconds),
+            publisher=publisher,
+        )
+        await publisher.start()
         try:
             yield
         finally:
-            state.producer_ready = False
-            await producer.stop()  # flushes what is in flight
+            await publisher.close()
             await engine.dispose()
 
     routes = [
         Route("/webhooks/sentry/{org}", webhook, methods=["POST"]),
         # Sentry counts a 3xx as success and does not follow it: the slash variant is served, never redirected.
         Route("/webhooks/sentry/{org}/", webhook, methods=["POST"]),
+        Route("/webhooks/sentry-legacy/{org}/{token}", legacy_webhook, methods=["POST"]),
+        Route("/webhooks/sentry-legacy/{org}/{token}/", legacy_webhook, methods=["POST"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),

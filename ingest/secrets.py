@@ -1,42 +1,78 @@
-"""In-process cache of org webhook secrets with a short TTL: no database query per request."""
+"""In-process caches of per-org credentials with a short TTL: no database query per request."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.orgs import org_secrets
+from shared.orgs import legacy_token_hash, org_secrets
+
+log = logging.getLogger("blametrail.ingest")
+
+V = TypeVar("V")
+MAX_ENTRIES = 100_000
 
 
-class SecretCache:
-    """``get(org)`` → the org's valid secrets (current, previous) or None for an unknown org.
+class OrgCache(Generic[V]):
+    """``get(org)`` → ``load(session, org)``, cached for ``ttl`` seconds per org.
 
-    Unknown orgs are cached too, so a flood of bad URLs cannot turn into a flood of queries.
-    A rotated secret takes effect within ``ttl`` seconds.
+    Misses (unknown orgs, None) are cached too, so a flood of bad URLs cannot turn into a flood of
+    queries; concurrent misses of one org share one query. A change in the database takes effect
+    within ``ttl``. When the database fails, a stale value is served if there is one (logged);
+    otherwise the error propagates to the caller.
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], ttl: float) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        ttl: float,
+        load: Callable[[AsyncSession, str], Awaitable[V]],
+    ) -> None:
         self._sessions = sessions
         self._ttl = ttl
-        self._entries: dict[str, tuple[float, tuple[str, ...] | None]] = {}
+        self._load = load
+        self._entries: dict[str, tuple[float, V]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def get(self, org: str) -> tuple[str, ...] | None:
-        now = time.monotonic()
+    async def get(self, org: str) -> V:
         entry = self._entries.get(org)
-        if entry is not None and entry[0] > now:
+        if entry is not None and entry[0] > time.monotonic():
             return entry[1]
         lock = self._locks.setdefault(org, asyncio.Lock())
         async with lock:
             entry = self._entries.get(org)
             if entry is not None and entry[0] > time.monotonic():
                 return entry[1]
-            async with self._sessions() as session:
-                value = await org_secrets(session, org)
-            if len(self._entries) > 100_000:
+            try:
+                async with self._sessions() as session:
+                    value = await self._load(session, org)
+            except Exception as exc:
+                if entry is None:
+                    raise
+                log.warning("database unavailable (%r): using cached credentials of org %s", exc, org)
+                return entry[1]
+            finally:
+                self._locks.pop(org, None)
+            if len(self._entries) > MAX_ENTRIES:
                 self._entries.clear()
             self._entries[org] = (time.monotonic() + self._ttl, value)
-            self._locks.pop(org, None)
             return value
+
+
+class SecretCache(OrgCache[tuple[str, ...] | None]):
+    """The org's valid webhook secrets (current, previous) or None for an unknown org."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], ttl: float) -> None:
+        super().__init__(sessions, ttl, org_secrets)
+
+
+class LegacyTokenCache(OrgCache[str | None]):
+    """Hex SHA-256 of the org's legacy WebHooks plugin token, or None when unknown or turned off."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], ttl: float) -> None:
+        super().__init__(sessions, ttl, legacy_token_hash)

@@ -98,7 +98,7 @@ start() {
   if pid_alive "$pid"; then
     log "stopping a broker of an earlier run (pid $pid) whose settings were lost"
     kill "$pid" 2>/dev/null || true
-    wait_for 30 "old broker exit" bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
+    wait_for 30 "old broker exit" bash -c "source '$REPO_DIR/scripts/common.sh'; ! pid_alive $pid" || kill -9 "$pid" 2>/dev/null || true
   elif [[ -n "$pid" ]]; then
     log "removing the stale pid file of a crashed run (pid $pid)"
   fi
@@ -143,7 +143,7 @@ stop() {
   local pid; pid=$(broker_pid)
   if pid_alive "$pid"; then
     kill "$pid"
-    if ! wait_for 60 "kafka exit" bash -c "! kill -0 $pid 2>/dev/null"; then
+    if ! wait_for 60 "kafka exit" bash -c "source '$REPO_DIR/scripts/common.sh'; ! pid_alive $pid"; then
       log "broker did not stop in 60 s: killing it"; kill -9 "$pid" 2>/dev/null || true
     fi
     log "stopped"

@@ -34,11 +34,12 @@ def _require_services() -> None:
 
 
 @pytest.fixture(scope="session")
-def settings() -> Settings:
-    """Settings for this test session: real services, topics and groups of our own."""
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings for this test session: real services, topics, groups and an ingest spool of our own."""
     _require_services()
     prefix = f"test-{uuid.uuid4().hex[:8]}."
     return Settings(
+        spool_dir=str(tmp_path_factory.mktemp("spool")),
         topic_prefix=prefix,
         topic_partitions=3,
         router_group=prefix + "router",

@@ -1,0 +1,134 @@
+"""Ingest in-process against the real broker: producer replacement, and the answers when nothing is durable."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from ingest.app import create_app
+from ingest.publisher import Outcome, Producer, Publisher
+from ingest.spool import AsyncSpool, SpooledMessage
+from shared import events
+from shared.kafka import make_producer
+from shared.settings import Settings
+from shared.topics import Topics
+from tests.ingest_support import RawTopicReader, new_org
+from tests.support import free_port, signed_headers, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+async def raw(topics: Settings) -> AsyncIterator[RawTopicReader]:
+    reader = RawTopicReader(topics.kafka_bootstrap, Topics.from_settings(topics).raw, topics.topic_partitions)
+    await reader.start()
+    yield reader
+    await reader.stop()
+
+
+async def test_a_replaced_producer_loses_nothing(topics: Settings, raw: RawTopicReader, tmp_path: Path) -> None:
+    spool = await AsyncSpool.open(tmp_path, 1 << 24)
+
+    def factory() -> Producer:
+        producer: Producer = make_producer(topics, client_id="test-ingest")
+        return producer
+
+    topic = Topics.from_settings(topics).raw
+    publisher = Publisher(
+        spool, factory, topic=topic, publish_timeout=0.3, max_inflight=1000, bootstrap=topics.kafka_bootstrap
+    )
+    restarts = counter("blametrail_ingest_producer_restarts_total")
+    await publisher.start()
+    try:
+        assert publisher.producer_connected
+        run = os.urandom(4).hex()
+        messages = [
+            SpooledMessage(topic, f"restart-{run}/{n % 4}".encode(), f"{run}-{n}".encode(), (
+                (events.H_DELIVERY_ID, f"{run}-{n}".encode()),), time.time())
+            for n in range(200)
+        ]  # fmt: skip
+
+        async def publish_all() -> list[Outcome]:
+            return [await publisher.publish(m) for m in messages]
+
+        sending = asyncio.create_task(publish_all())
+        await wait_until(lambda: _true(len(raw.records) > 0), within=30, what="the first records")
+        publisher.request_restart(publisher.producer, "test: replace it mid-traffic")
+        outcomes = await sending
+        assert set(outcomes) <= {Outcome.ACCEPTED, Outcome.SPOOLED}
+        await wait_until(lambda: _true(publisher.producer_connected), within=30, what="a new producer")
+        assert counter("blametrail_ingest_producer_restarts_total") == restarts + 1
+
+        records = await raw.wait_for({m.value.decode() for m in messages})
+        for key in {m.key for m in messages}:
+            sent = [m.value.decode() for m in messages if m.key == key]
+            assert sorted(sent, key=lambda d: records[d].offset) == sent, "a key's records out of order"
+        await wait_until(lambda: _true(publisher.spool.total_depth == 0), within=30, what="empty spool")
+    finally:
+        await publisher.close()
+
+
+async def test_without_kafka_a_full_spool_answers_503_and_is_not_ready(
+    migrated: Settings, sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    settings = migrated.model_copy(
+        update={
+            "kafka_bootstrap": f"127.0.0.1:{free_port()}",  # nothing listens
+            "spool_dir": str(tmp_path),
+            "spool_max_bytes": 1024 * 1024,
+            "max_body_bytes": 256 * 1024,
+        }
+    )
+    org = await new_org(sessions, f"full-{os.urandom(4).hex()}")
+    app = create_app(settings)
+    before = counter("blametrail_ingest_requests_total", resource="issue", outcome="unavailable")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200 and "kafka producer not connected; spool writable" in ready.text
+
+            statuses = []
+            for n in range(5):
+                body = b'{"n":%d,"pad":"%s"}' % (n, b"x" * 240_000)
+                response = await client.post(
+                    f"/webhooks/sentry/{org.org}",
+                    content=body,
+                    headers=signed_headers(org.client_secret, body, "issue"),
+                )
+                statuses.append((response.status_code, response.json()))
+            assert statuses[:4] == [(200, {"status": "spooled"})] * 4
+            status, error = statuses[4]
+            assert status == 503 and error["error"]["code"] == "unavailable"
+
+            response = await client.post(
+                f"/webhooks/sentry/{org.org}", content=b"{}", headers=signed_headers(org.client_secret, b"{}", "issue")
+            )
+            assert response.status_code == 200  # a small one still fits
+            body = b'{"pad":"%s"}' % (b"y" * 200_000)
+            refused = await client.post(
+                f"/webhooks/sentry/{org.org}", content=body, headers=signed_headers(org.client_secret, body, "issue")
+            )
+            assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
+            assert counter("blametrail_ingest_requests_total", resource="issue", outcome="unavailable") == before + 2
+
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert "not connected" in ready.text and "not writable" in ready.text
+            assert (await client.get("/healthz")).status_code == 200
+
+
+async def _true(value: bool) -> bool:
+    return value
