@@ -18,7 +18,8 @@ COPY incident_writer ./incident_writer
 COPY admin ./admin
 RUN pip install . \
     && rm -rf /src/build /src/*.egg-info \
-    && useradd --system --uid 10001 --user-group --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin blametrail
+    && useradd --system --uid 10001 --user-group --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin blametrail \
+    && mkdir -p /var/tmp/blametrail-spool && chown blametrail:blametrail /var/tmp/blametrail-spool
 
 WORKDIR /app
 USER blametrail:blametrail
