@@ -1,7 +1,15 @@
-"""What an event does to its incident: pure rules of DESIGN.md "Incidents and audit records"."""
+"""What events do to their incident: the pure rules of DESIGN.md "Incidents and audit records".
+
+No I/O here. :func:`apply` folds the new events of one incident, in stream order, over the
+incident's current state and returns its new state plus one timeline entry per event that reached
+it; ``incident_writer.store`` reads the state, calls it, and writes the result.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import StrEnum
 
 from shared import sentry
@@ -13,6 +21,19 @@ class IncidentAction(StrEnum):
     REOPEN = "reopen"
     ATTACH = "attach"  # no incident change: linked to the incident when one exists
 
+
+class Change(StrEnum):
+    """What one event did to its incident: the timeline's ``change`` and the metric's label."""
+
+    OPENED = "opened"  # first occurrence: the incident now exists
+    UPDATED = "updated"  # another occurrence of an open incident
+    RESOLVED = "resolved"  # open → resolved
+    REOPENED = "reopened"  # resolved → open, by ``issue.unresolved`` or a new occurrence
+    ATTACHED = "attached"  # on the timeline, state unchanged (comment, assignment, repeated resolve, …)
+
+
+OPEN = "open"
+RESOLVED = "resolved"
 
 _OCCURRENCES = {
     (sentry.ISSUE, "created"),
@@ -30,6 +51,7 @@ LEVELS = ("debug", "info", "warning", "error", "critical", "fatal")
 
 
 def incident_action(resource: str, action: str) -> IncidentAction:
+    """The incident action of a Sentry ``resource`` + ``action``; anything unknown only attaches."""
     key = (resource, action)
     if key in _OCCURRENCES:
         return IncidentAction.OCCURRENCE
@@ -41,7 +63,125 @@ def incident_action(resource: str, action: str) -> IncidentAction:
 
 
 def escalate(current: str | None, new: str | None) -> str | None:
+    """The more severe of two levels; an unknown or missing level never replaces a known one."""
+
     def rank(level: str | None) -> int:
         return LEVELS.index(level) if level in LEVELS else -1
 
     return new if rank(new) > rank(current) else current
+
+
+@dataclass(frozen=True)
+class Touch:
+    """One event for one incident, as the rules see it.
+
+    ``seen_at`` is when it happened (Sentry's time, else when ingest received it); ``title`` is the
+    title an incident opened by this event gets.
+    """
+
+    delivery_id: str
+    action: IncidentAction
+    seen_at: datetime
+    received_at: datetime
+    title: str
+    level: str | None = None
+    culprit: str | None = None
+    web_url: str | None = None
+    sentry_issue_id: str | None = None
+    project_slug: str | None = None
+
+
+@dataclass(frozen=True)
+class IncidentState:
+    """The columns of an incident that events change."""
+
+    status: str
+    event_count: int
+    title: str
+    level: str | None
+    first_seen_at: datetime
+    last_seen_at: datetime
+    resolved_at: datetime | None
+    culprit: str | None
+    web_url: str | None
+    sentry_issue_id: str | None
+    sentry_project_slug: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of :func:`apply` for one incident.
+
+    ``after`` is None when there still is no incident (only resolves, reopens or comments for an
+    incident that never opened). ``changes`` holds one (delivery, change) per delivery newly applied,
+    in order: the incident's new timeline entries. ``linked`` is every delivery that concerns the
+    existing incident, including those applied before: their audit records name the incident.
+    """
+
+    before: IncidentState | None
+    after: IncidentState | None
+    changes: tuple[tuple[str, Change], ...]
+    linked: frozenset[str]
+
+
+def apply(state: IncidentState | None, touches: Iterable[Touch], applied: frozenset[str] = frozenset()) -> Outcome:
+    """Fold ``touches`` (stream order) over ``state`` (None: no incident yet).
+
+    Each delivery takes effect once: a delivery in ``applied`` (already on the incident's timeline)
+    or seen earlier in ``touches`` is only linked. Before the incident exists, only an occurrence
+    does anything: a resolve, reopen or comment for an incident that never opened is a no-op.
+    Never raises.
+    """
+    current = state
+    changes: dict[str, Change] = {}
+    linked: set[str] = set()
+    for touch in touches:
+        if current is None and touch.action is not IncidentAction.OCCURRENCE:
+            continue
+        linked.add(touch.delivery_id)
+        if touch.delivery_id in applied or touch.delivery_id in changes:
+            continue
+        current, change = _step(current, touch)
+        changes[touch.delivery_id] = change
+    return Outcome(before=state, after=current, changes=tuple(changes.items()), linked=frozenset(linked))
+
+
+def _step(current: IncidentState | None, touch: Touch) -> tuple[IncidentState, Change]:
+    if touch.action is IncidentAction.OCCURRENCE:
+        if current is None:
+            return _opened(touch), Change.OPENED
+        change = Change.REOPENED if current.status == RESOLVED else Change.UPDATED
+        return replace(
+            current,
+            status=OPEN,
+            resolved_at=None,
+            event_count=current.event_count + 1,
+            level=escalate(current.level, touch.level),
+            first_seen_at=min(current.first_seen_at, touch.seen_at),
+            last_seen_at=max(current.last_seen_at, touch.seen_at),
+            culprit=current.culprit or touch.culprit,
+            web_url=current.web_url or touch.web_url,
+            sentry_issue_id=current.sentry_issue_id or touch.sentry_issue_id,
+        ), change
+    assert current is not None, "only an occurrence can open an incident"
+    if touch.action is IncidentAction.RESOLVE and current.status == OPEN:
+        return replace(current, status=RESOLVED, resolved_at=touch.received_at), Change.RESOLVED
+    if touch.action is IncidentAction.REOPEN and current.status == RESOLVED:
+        return replace(current, status=OPEN, resolved_at=None), Change.REOPENED
+    return current, Change.ATTACHED
+
+
+def _opened(touch: Touch) -> IncidentState:
+    return IncidentState(
+        status=OPEN,
+        event_count=1,
+        title=touch.title,
+        level=touch.level,
+        first_seen_at=touch.seen_at,
+        last_seen_at=touch.seen_at,
+        resolved_at=None,
+        culprit=touch.culprit,
+        web_url=touch.web_url,
+        sentry_issue_id=touch.sentry_issue_id,
+        sentry_project_slug=touch.project_slug,
+    )

@@ -1,140 +1,500 @@
-"""Writes one batch of routed/ignored events in one transaction: audit records, then incidents.
+"""Writes one batch of routed/ignored events in the caller's transaction: audit records, incidents, timeline.
 
-Idempotent: the audit record's unique (delivery_id, project_slug) decides whether an event is new;
-only a new event may change an incident, so redeliveries and replays change nothing.
+A constant number of statements per batch, whatever its size:
+
+1. the batch's organizations (slug → id);
+2. ``SELECT … FROM incidents … ORDER BY service_id, incident_key FOR NO KEY UPDATE``: the existing
+   incidents of the batch's routed events, locked, with their state;
+3. ``INSERT audit_records … ON CONFLICT (delivery_id, project_slug) DO NOTHING RETURNING``: the
+   events that are new (linked to their incident when it exists). Only a new event may touch an
+   incident, so redeliveries and replays change nothing;
+4. which new deliveries are already on those incidents' timelines (the other project of a
+   multi-project metric alert, written in an earlier batch): a delivery counts once per incident;
+5. ``incidents.apply`` folds each incident's new events, in stream order, over its locked state;
+6. ``INSERT incidents … ON CONFLICT DO NOTHING RETURNING`` for the incidents that open now. A
+   conflict means another writer opened one after step 2: :class:`ConcurrentIncident`, the caller
+   retries the transaction (step 2 then finds and locks it), so an incident never opens twice;
+7. ``UPDATE incidents`` with the folded state; ``INSERT incident_events`` (the timeline); and
+   ``UPDATE audit_records SET incident_id`` for the events of incidents opened in step 6.
+
+Rows travel as one JSON parameter per statement (``jsonb_populate_recordset``), so each statement's
+text is the same for any batch: psycopg and Postgres parse and plan it once, and a batch costs a
+handful of round trips instead of one per event.
+
+Between writers, rows are locked in one global order — incidents sorted by service and key, then
+audit keys sorted — so two writers on overlapping batches wait for each other instead of
+deadlocking (a deadlock would still only cost a retry). Errors: an ``IntegrityError``/``DataError``
+or :class:`Unwritable` names a record that cannot be written (the caller isolates it); anything
+else is the database's state (the caller retries).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from typing import cast as typed
 
-from sqlalchemy import ARRAY, String, case, func, literal, select, update
-from sqlalchemy.dialects.postgresql import insert
+import orjson
+from sqlalchemy import Row, Table, Text, bindparam, cast, func, literal_column, select, tuple_, update
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import InstrumentedAttribute
-from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql.elements import KeyedColumnElement
+from sqlalchemy.sql.selectable import TableValuedAlias
 
-from incident_writer.incidents import LEVELS, IncidentAction, incident_action
-from shared.db.models import AuditRecord, Incident, Organization
-from shared.events import OutputEvent, RoutedEvent
+from incident_writer.incidents import Change, IncidentState, Outcome, Touch, apply, incident_action
+from shared.db.models import AuditRecord, Incident, IncidentEvent, Organization
+from shared.events import IgnoredEvent, OutputEvent, RoutedEvent
+
+AUDIT = typed(Table, AuditRecord.__table__)
+INCIDENTS = typed(Table, Incident.__table__)
+TIMELINE = typed(Table, IncidentEvent.__table__)
+
+IncidentKey = tuple[int, str]  # (service_id, incident_key)
+
+
+def _rows(table: Table, names: Sequence[str]) -> TableValuedAlias:
+    """``jsonb_populate_recordset(NULL::<table>, :rows)``: a batch's rows as one JSON parameter.
+
+    The statement's text is the same for any number of rows (parsed and planned once), and each
+    value is read as its column's own type: a value too long or out of range is a ``DataError``
+    naming the column, as with a plain INSERT.
+    """
+    json = cast(bindparam("rows", type_=Text), JSONB)
+    return func.jsonb_populate_recordset(literal_column(f"NULL::{table.name}"), json).table_valued(*names)
+
+
+def _json(rows: Sequence[dict[str, object]]) -> dict[str, str]:
+    """The parameters of :func:`_rows`; :class:`Unwritable` for a value JSON cannot carry (an
+    integer beyond 64 bits: no column takes it either). Naive times are read as UTC."""
+    try:
+        return {"rows": orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC).decode()}
+    except orjson.JSONEncodeError as exc:
+        raise Unwritable(str(exc)) from exc
+
+
+def _select_all(source: TableValuedAlias, names: Sequence[str]) -> list[KeyedColumnElement[Any]]:
+    return [source.c[name] for name in names]
+
+
+class ConcurrentIncident(Exception):
+    """Another writer opened one of this batch's incidents during the transaction: retry it."""
+
+
+class Unwritable(Exception):
+    """A value of the batch no column can hold, found before it reached the database."""
 
 
 @dataclass
 class BatchResult:
+    """What one batch did: new events, duplicates, incident changes and timeline entries."""
+
     written: int = 0
     duplicates: int = 0
-    incidents: dict[str, int] = field(default_factory=dict)
+    changes: Counter[str] = field(default_factory=Counter)
+    timeline: int = 0
 
-    def count(self, change: str) -> None:
-        self.incidents[change] = self.incidents.get(change, 0) + 1
+    def add(self, other: BatchResult) -> None:
+        self.written += other.written
+        self.duplicates += other.duplicates
+        self.changes.update(other.changes)
+        self.timeline += other.timeline
 
 
-def _rank(level: ColumnElement[str | None] | InstrumentedAttribute[str | None]) -> ColumnElement[int]:
-    return func.coalesce(func.array_position(literal(list(LEVELS), ARRAY(String)), level), 0)
+@dataclass(frozen=True)
+class _Locked:
+    """An existing incident, locked by this transaction, and its state."""
+
+    id: int
+    state: IncidentState
+
+
+@dataclass(frozen=True)
+class _New:
+    """A new event (its audit record was inserted now) that belongs to an incident."""
+
+    audit_id: int
+    event: RoutedEvent
+    touch: Touch
+
+
+def poison_reason(exc: Exception) -> str | None:
+    """The reason a batch failed because of a record in it, or None when it is not the records' fault.
+
+    Integrity errors (a foreign key to a service or organisation that no longer exists, a missing
+    required value) and data errors (a value too long or out of range, a NUL byte in an id) fail
+    again on every retry; everything else (connection lost, server shutting down, deadlock, a
+    missing table after a bad deploy) may pass, and is retried rather than dead-lettered.
+    """
+    if isinstance(exc, IntegrityError | DataError | Unwritable):
+        return describe_error(exc)
+    return None
+
+
+def describe_error(exc: BaseException) -> str:
+    """``ErrorClass: first line`` of the driver's error (without SQLAlchemy's statement and parameters)."""
+    orig = getattr(exc, "orig", None)
+    source = orig if isinstance(orig, BaseException) else exc
+    first_line = (str(source).strip().splitlines() or [""])[0]
+    return f"{type(source).__name__}: {first_line}" if first_line else type(source).__name__
 
 
 async def write_batch(session: AsyncSession, batch: Sequence[OutputEvent]) -> BatchResult:
-    """Apply ``batch`` in the caller's transaction (the caller commits)."""
+    """Apply ``batch`` (stream order) in the caller's transaction; the caller commits.
+
+    Exactly once in effect: one audit record per (delivery, project); an incident changes only for
+    new audit records, and once per delivery. Raises the database's errors unchanged, and
+    :class:`ConcurrentIncident` when the transaction must be retried.
+    """
     result = BatchResult()
-    slugs = {e.org for e in batch}
-    rows = await session.execute(select(Organization.slug, Organization.id).where(Organization.slug.in_(slugs)))
-    org_ids = {slug: org_id for slug, org_id in rows}
-    for event in batch:
-        org_id = org_ids.get(event.org)
-        audit_id = await session.scalar(
-            insert(AuditRecord)
-            .values(
-                delivery_id=event.delivery_id,
-                project_slug=event.project_slug,
-                org_id=org_id,
-                org_slug=event.org,
-                resource=event.resource,
-                action=event.action,
-                outcome=event.outcome,
-                reason=getattr(event, "reason", None),
-                service_id=event.service_id,
-                mapping_id=event.mapping_id,
-                sentry_issue_id=event.sentry_issue_id,
-                title=event.title,
-                received_at=event.received_at,
-                raw_topic=event.raw.topic,
-                raw_partition=event.raw.partition,
-                raw_offset=event.raw.offset,
-            )
-            .on_conflict_do_nothing(index_elements=["delivery_id", "project_slug"])
-            .returning(AuditRecord.id)
-        )
-        if audit_id is None:
-            result.duplicates += 1
-            continue
-        result.written += 1
-        if isinstance(event, RoutedEvent) and event.incident_key and org_id is not None:
-            incident_id = await _apply_incident(session, event, org_id, result)
-            if incident_id is not None:
-                await session.execute(
-                    update(AuditRecord).where(AuditRecord.id == audit_id).values(incident_id=incident_id)
-                )
+    events = _first_per_key([_clean(e) for e in batch])
+    result.duplicates = len(batch) - len(events)
+    if not events:
+        return result
+    org_ids = await _org_ids(session, {e.org for e in events})
+    keys = sorted({(e.service_id, e.incident_key) for e in events if isinstance(e, RoutedEvent) and e.incident_key})
+    existing = await _lock_incidents(session, keys) if keys else {}
+    new = await _insert_audit(session, events, org_ids, existing)
+    result.written = len(new)
+    result.duplicates += len(events) - len(new)
+    groups: dict[IncidentKey, list[_New]] = {}
+    for audit_id, event in new:
+        if isinstance(event, RoutedEvent) and event.incident_key:
+            key = (event.service_id, event.incident_key)
+            groups.setdefault(key, []).append(_New(audit_id, event, _touch(event)))
+    if groups:
+        await _apply_incidents(session, groups, existing, org_ids, result)
     return result
 
 
-async def _apply_incident(session: AsyncSession, event: RoutedEvent, org_id: int, result: BatchResult) -> int | None:
-    assert event.incident_key is not None
-    where = (Incident.service_id == event.service_id, Incident.incident_key == event.incident_key)
-    action = incident_action(event.resource, event.action)
-    seen_at = event.occurred_at or event.received_at
-    if action is IncidentAction.OCCURRENCE:
-        values = insert(Incident).values(
-            org_id=org_id,
-            service_id=event.service_id,
-            incident_key=event.incident_key,
-            sentry_project_slug=event.project_slug,
-            sentry_issue_id=event.sentry_issue_id,
-            title=event.title or f"{event.resource} in {event.project_slug}",
-            level=event.level,
-            culprit=event.culprit,
-            web_url=event.web_url,
-            status="open",
-            event_count=1,
-            first_seen_at=seen_at,
-            last_seen_at=seen_at,
+def _clean(event: OutputEvent) -> OutputEvent:
+    """PostgreSQL text cannot hold NUL: replace it in the free text that comes from Sentry bodies."""
+    texts = {"title": event.title, "culprit": event.culprit, "web_url": event.web_url, "level": event.level}
+    dirty = {name: value.replace("\x00", "\ufffd") for name, value in texts.items() if value and "\x00" in value}
+    return event.model_copy(update=dirty) if dirty else event
+
+
+def _first_per_key(events: Sequence[OutputEvent]) -> list[OutputEvent]:
+    seen: set[tuple[str, str | None]] = set()
+    out = []
+    for event in events:
+        key = (event.delivery_id, event.project_slug)
+        if key not in seen:
+            seen.add(key)
+            out.append(event)
+    return out
+
+
+def _utc(moment: datetime) -> datetime:
+    """Times without a zone are UTC (as :func:`_json` writes them), so all times compare."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _touch(event: RoutedEvent) -> Touch:
+    return Touch(
+        delivery_id=event.delivery_id,
+        action=incident_action(event.resource, event.action),
+        seen_at=_utc(event.occurred_at or event.received_at),
+        received_at=_utc(event.received_at),
+        title=event.title or f"{event.resource} in {event.project_slug}",
+        level=event.level,
+        culprit=event.culprit,
+        web_url=event.web_url,
+        sentry_issue_id=event.sentry_issue_id,
+        project_slug=event.project_slug,
+    )
+
+
+async def _org_ids(session: AsyncSession, slugs: set[str]) -> dict[str, int]:
+    rows = await session.execute(select(Organization.slug, Organization.id).where(Organization.slug.in_(slugs)))
+    return {slug: org_id for slug, org_id in rows}
+
+
+async def _lock_incidents(session: AsyncSession, keys: Sequence[IncidentKey]) -> dict[IncidentKey, _Locked]:
+    """Lock the existing incidents of ``keys`` (sorted: one lock order for all writers); their state."""
+    wanted = _rows(INCIDENTS, ("service_id", "incident_key"))
+    locked = await session.execute(
+        select(INCIDENTS.c.id, INCIDENTS.c.service_id, INCIDENTS.c.incident_key, *_STATE_COLUMNS)
+        .where(
+            tuple_(INCIDENTS.c.service_id, INCIDENTS.c.incident_key).in_(
+                select(wanted.c.service_id, wanted.c.incident_key)
+            )
         )
-        excluded = values.excluded
-        stmt = values.on_conflict_do_update(
-            index_elements=["service_id", "incident_key"],
-            set_={
-                "event_count": Incident.event_count + 1,
-                "last_seen_at": func.greatest(Incident.last_seen_at, excluded.last_seen_at),
-                "first_seen_at": func.least(Incident.first_seen_at, excluded.first_seen_at),
-                "level": case((_rank(excluded.level) > _rank(Incident.level), excluded.level), else_=Incident.level),
-                "web_url": func.coalesce(Incident.web_url, excluded.web_url),
-                "status": "open",
-                "resolved_at": None,
-                "updated_at": func.now(),
-            },
-        ).returning(Incident.id, Incident.event_count)
-        row = (await session.execute(stmt)).one()
-        result.count("opened" if row.event_count == 1 else "updated")
-        return int(row.id)
-    if action is IncidentAction.RESOLVE:
-        incident_id: int | None = await session.scalar(
-            update(Incident)
-            .where(*where)
-            .values(status="resolved", resolved_at=func.now(), updated_at=func.now())
-            .returning(Incident.id)
+        .order_by(INCIDENTS.c.service_id, INCIDENTS.c.incident_key)
+        .with_for_update(key_share=True),
+        _json([{"service_id": service_id, "incident_key": key} for service_id, key in keys]),
+    )
+    return {(r.service_id, r.incident_key): _Locked(int(r.id), _state(r)) for r in locked}
+
+
+async def _insert_audit(
+    session: AsyncSession,
+    events: Sequence[OutputEvent],
+    org_ids: dict[str, int],
+    existing: dict[IncidentKey, _Locked],
+) -> list[tuple[int, OutputEvent]]:
+    """Insert the audit records (sorted by key: one lock order for all writers); the new ones in stream order.
+
+    A routed event whose incident exists is linked to it now (every event reaches an existing
+    incident); links to incidents this batch opens are set by :func:`_apply_incidents`.
+    """
+    rows = sorted((_audit_row(e, org_ids.get(e.org), existing) for e in events), key=_audit_sort_key)
+    source = _rows(AUDIT, _AUDIT_COLUMNS)
+    stmt = (
+        insert(AUDIT)
+        .from_select(_AUDIT_COLUMNS, select(*_select_all(source, _AUDIT_COLUMNS)))
+        .on_conflict_do_nothing(index_elements=["delivery_id", "project_slug"])
+        .returning(AUDIT.c.id, AUDIT.c.delivery_id, AUDIT.c.project_slug)
+    )
+    result = await session.execute(stmt, _json(rows))
+    inserted = {(r.delivery_id, r.project_slug): int(r.id) for r in result}
+    return [
+        (inserted[(e.delivery_id, e.project_slug)], e) for e in events if (e.delivery_id, e.project_slug) in inserted
+    ]
+
+
+def _audit_sort_key(row: dict[str, object]) -> tuple[str, str]:
+    return (str(row["delivery_id"]), str(row["project_slug"] or ""))
+
+
+_AUDIT_COLUMNS = (
+    "delivery_id",
+    "project_slug",
+    "org_id",
+    "org_slug",
+    "resource",
+    "action",
+    "outcome",
+    "reason",
+    "service_id",
+    "mapping_id",
+    "sentry_issue_id",
+    "title",
+    "received_at",
+    "raw_topic",
+    "raw_partition",
+    "raw_offset",
+    "incident_id",
+)
+
+
+def _audit_row(event: OutputEvent, org_id: int | None, existing: dict[IncidentKey, _Locked]) -> dict[str, object]:
+    routed_key = event.incident_key if isinstance(event, RoutedEvent) else None
+    locked = existing.get((event.service_id or 0, routed_key)) if routed_key else None
+    return {
+        "delivery_id": event.delivery_id,
+        "project_slug": event.project_slug,
+        "org_id": org_id,
+        "org_slug": event.org,
+        "resource": event.resource,
+        "action": event.action,
+        "outcome": event.outcome,
+        "reason": event.reason.value if isinstance(event, IgnoredEvent) else None,
+        "service_id": event.service_id,
+        "mapping_id": event.mapping_id,
+        "sentry_issue_id": event.sentry_issue_id,
+        "title": event.title,
+        "received_at": event.received_at,
+        "raw_topic": event.raw.topic,
+        "raw_partition": event.raw.partition,
+        "raw_offset": event.raw.offset,
+        "incident_id": locked.id if locked else None,
+    }
+
+
+_STATE_COLUMNS = (
+    INCIDENTS.c.status,
+    INCIDENTS.c.event_count,
+    INCIDENTS.c.title,
+    INCIDENTS.c.level,
+    INCIDENTS.c.first_seen_at,
+    INCIDENTS.c.last_seen_at,
+    INCIDENTS.c.resolved_at,
+    INCIDENTS.c.culprit,
+    INCIDENTS.c.web_url,
+    INCIDENTS.c.sentry_issue_id,
+    INCIDENTS.c.sentry_project_slug,
+)
+
+
+_STATE_NAMES = tuple(c.name for c in _STATE_COLUMNS)
+
+
+def _state(row: Row[*tuple[Any, ...]]) -> IncidentState:
+    return IncidentState(**{c.name: getattr(row, c.name) for c in _STATE_COLUMNS})
+
+
+async def _apply_incidents(
+    session: AsyncSession,
+    groups: dict[IncidentKey, list[_New]],
+    existing: dict[IncidentKey, _Locked],
+    org_ids: dict[str, int],
+    result: BatchResult,
+) -> None:
+    keys = sorted(groups)
+    applied = await _applied(session, existing, groups)
+    outcomes: dict[IncidentKey, Outcome] = {}
+    for key in keys:
+        locked = existing.get(key)
+        touches = [n.touch for n in groups[key]]
+        if locked is None:
+            outcomes[key] = apply(None, touches)
+        else:
+            outcomes[key] = apply(locked.state, touches, applied.get(locked.id, frozenset()))
+
+    ids = {key: locked.id for key, locked in existing.items()}
+    ids.update(await _open(session, groups, outcomes, existing, org_ids))
+    await _update(session, ids, outcomes, existing)
+
+    timeline: list[dict[str, object]] = []
+    links: list[dict[str, object]] = []
+    for key in keys:
+        outcome = outcomes[key]
+        if key not in ids:
+            continue
+        first: dict[str, RoutedEvent] = {}
+        for new in groups[key]:
+            first.setdefault(new.event.delivery_id, new.event)
+            if key not in existing and new.event.delivery_id in outcome.linked:
+                links.append({"id": new.audit_id, "incident_id": ids[key]})
+        for delivery, change in outcome.changes:
+            timeline.append(_timeline_row(ids[key], first[delivery], change))
+            if change is not Change.ATTACHED:
+                result.changes[change.value] += 1
+    if timeline:
+        source = _rows(TIMELINE, _TIMELINE_COLUMNS)
+        await session.execute(
+            insert(TIMELINE)
+            .from_select(_TIMELINE_COLUMNS, select(*_select_all(source, _TIMELINE_COLUMNS)))
+            .on_conflict_do_nothing(index_elements=["incident_id", "delivery_id"]),
+            _json(timeline),
         )
-        if incident_id is not None:
-            result.count("resolved")
-        return incident_id
-    if action is IncidentAction.REOPEN:
-        reopened: int | None = await session.scalar(
-            update(Incident)
-            .where(*where, Incident.status != "open")
-            .values(status="open", resolved_at=None, updated_at=func.now())
-            .returning(Incident.id)
+        result.timeline += len(timeline)
+    if links:  # events of the incidents opened now (their audit records were written before)
+        source = _rows(AUDIT, ("id", "incident_id"))
+        await session.execute(
+            update(AUDIT).where(AUDIT.c.id == source.c.id).values(incident_id=source.c.incident_id),
+            _json(links),
         )
-        if reopened is not None:
-            result.count("reopened")
-            return reopened
-    existing: int | None = await session.scalar(select(Incident.id).where(*where))
-    return existing
+
+
+async def _applied(
+    session: AsyncSession, existing: dict[IncidentKey, _Locked], groups: dict[IncidentKey, list[_New]]
+) -> dict[int, frozenset[str]]:
+    """Deliveries of this batch already on the timelines of the locked incidents."""
+    wanted = {(existing[key].id, n.event.delivery_id) for key in groups if key in existing for n in groups[key]}
+    if not wanted:
+        return {}
+    pairs = sorted(wanted)
+    source = _rows(TIMELINE, ("incident_id", "delivery_id"))
+    rows = await session.execute(
+        select(TIMELINE.c.incident_id, TIMELINE.c.delivery_id).where(
+            tuple_(TIMELINE.c.incident_id, TIMELINE.c.delivery_id).in_(
+                select(source.c.incident_id, source.c.delivery_id)
+            )
+        ),
+        _json([{"incident_id": incident_id, "delivery_id": delivery} for incident_id, delivery in pairs]),
+    )
+    found: dict[int, set[str]] = {}
+    for incident_id, delivery_id in rows:
+        found.setdefault(incident_id, set()).add(delivery_id)
+    return {incident_id: frozenset(d) for incident_id, d in found.items()}
+
+
+async def _open(
+    session: AsyncSession,
+    groups: dict[IncidentKey, list[_New]],
+    outcomes: dict[IncidentKey, Outcome],
+    existing: dict[IncidentKey, _Locked],
+    org_ids: dict[str, int],
+) -> dict[IncidentKey, int]:
+    """Insert the incidents that open in this batch (sorted); their ids."""
+    rows = []
+    for key, outcome in sorted(outcomes.items()):
+        if key in existing or outcome.after is None:
+            continue
+        service_id, incident_key = key
+        org = groups[key][0].event.org
+        rows.append(
+            {
+                **_state_values(outcome.after),
+                "org_id": org_ids.get(org),
+                "service_id": service_id,
+                "incident_key": incident_key,
+            }
+        )
+    if not rows:
+        return {}
+    names = ("org_id", "service_id", "incident_key", *_STATE_NAMES)
+    source = _rows(INCIDENTS, names)
+    stmt = (
+        insert(INCIDENTS)
+        .from_select(names, select(*_select_all(source, names)))
+        .on_conflict_do_nothing(index_elements=["service_id", "incident_key"])
+        .returning(INCIDENTS.c.id, INCIDENTS.c.service_id, INCIDENTS.c.incident_key)
+    )
+    result = await session.execute(stmt, _json(rows))
+    opened = {(r.service_id, r.incident_key): int(r.id) for r in result}
+    if len(opened) != len(rows):
+        raise ConcurrentIncident(f"{len(rows) - len(opened)} incident(s) opened by another writer meanwhile")
+    return opened
+
+
+async def _update(
+    session: AsyncSession,
+    ids: dict[IncidentKey, int],
+    outcomes: dict[IncidentKey, Outcome],
+    existing: dict[IncidentKey, _Locked],
+) -> None:
+    rows = [
+        {"id": ids[key], **_state_values(outcome.after)}
+        for key, outcome in sorted(outcomes.items())
+        if key in existing and outcome.after is not None and outcome.after != outcome.before
+    ]
+    if rows:
+        names = ("id", *_STATE_NAMES)
+        source = _rows(INCIDENTS, names)
+        stmt = (
+            update(INCIDENTS)
+            .where(INCIDENTS.c.id == source.c.id)
+            .values({**{name: source.c[name] for name in _STATE_NAMES}, "updated_at": func.now()})
+        )
+        await session.execute(stmt, _json(rows))
+
+
+def _state_values(state: IncidentState) -> dict[str, object]:
+    return {c.name: getattr(state, c.name) for c in _STATE_COLUMNS}
+
+
+_TIMELINE_COLUMNS = (
+    "incident_id",
+    "delivery_id",
+    "project_slug",
+    "resource",
+    "action",
+    "change",
+    "title",
+    "level",
+    "event_id",
+    "occurred_at",
+    "received_at",
+)
+
+
+def _timeline_row(incident_id: int, event: RoutedEvent, change: Change) -> dict[str, object]:
+    return {
+        "incident_id": incident_id,
+        "delivery_id": event.delivery_id,
+        "project_slug": event.project_slug,
+        "resource": event.resource,
+        "action": event.action,
+        "change": change.value,
+        "title": event.title,
+        "level": event.level,
+        "event_id": event.event_id,
+        "occurred_at": event.occurred_at,
+        "received_at": event.received_at,
+    }

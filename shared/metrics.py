@@ -75,6 +75,16 @@ WRITER_BATCH_SECONDS = Histogram(
     "blametrail_writer_batch_seconds", "Database write time of one batch", buckets=LATENCY_BUCKETS
 )
 INCIDENTS = Counter("blametrail_writer_incidents_total", "Incident changes", ["change"])
+WRITER_DATABASE_UP = Gauge(
+    "blametrail_writer_database_up", "1 while the writer can write to Postgres; 0 while it waits, partitions paused"
+)
+WRITER_RETRIES = Counter(
+    "blametrail_writer_retries_total", "Failed batch write attempts that will be retried, by reason", ["reason"]
+)
+WRITER_ABANDONED_BATCHES = Counter(
+    "blametrail_writer_abandoned_batches_total", "In-flight batches given up at a rebalance (redelivered, not lost)"
+)
+WRITER_TIMELINE_EVENTS = Counter("blametrail_writer_timeline_events_total", "Entries added to incident timelines")
 
 # Consumers (router and writer), labelled by consumer group name (a small fixed set)
 CONSUMER_BATCH_SIZE = Histogram(

@@ -49,6 +49,18 @@ class Settings(BaseSettings):
     # Incident writer
     writer_group: str = "blametrail-writer"
     writer_metrics_port: int = 9102
+    # A batch that fails for the database's sake (outage, lost connection, deadlock) is retried after
+    # writer_retry_initial_seconds, doubling up to writer_retry_max_seconds, with partitions paused.
+    writer_retry_initial_seconds: float = Field(default=0.2, gt=0)
+    writer_retry_max_seconds: float = Field(default=5.0, gt=0)
+    # One attempt at a batch (its transaction, or the bisection of a poisoned batch) gives up after this.
+    writer_write_timeout_seconds: float = Field(default=60.0, gt=0)
+    # At a rebalance, how long to let the in-flight batch commit before abandoning it (it is then
+    # redelivered). Keep it well below the group's rebalance timeout (aiokafka: the 10 s session timeout).
+    writer_revoke_wait_seconds: float = Field(default=3.0, ge=0)
+    # Stop loudly when more than this share of the last writer_dlq_window records went to the DLQ.
+    writer_dlq_max_ratio: float = Field(default=0.1, gt=0, le=1)
+    writer_dlq_window: int = Field(default=1000, ge=10)
 
     # Consumers
     consumer_batch_max: int = Field(default=500, ge=1)

@@ -18,6 +18,14 @@ from shared.settings import Settings
 
 T = TypeVar("T")
 
+# The product page's example configuration: (Sentry project, BlameTrail service, active).
+PRODUCT_PAGE_EXAMPLE = [
+    ("frontend", "Web App", True),
+    ("payments-api", "Payments API", True),
+    ("email-worker", "Email Worker", True),
+    ("internal-tools", "Internal Tools", False),
+]
+
 
 async def wait_until(probe: Callable[[], Awaitable[T | None]], *, within: float = 30.0, what: str = "condition") -> T:
     """Poll ``probe`` until it returns a truthy value; fail after ``within`` seconds."""

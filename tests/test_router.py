@@ -26,16 +26,11 @@ from shared.sentry import parse_webhook, partition_key
 from shared.settings import Settings
 from shared.topics import Topics
 from tests.conftest import payloads_dir
-from tests.support import ServiceProcess, free_port, settings_env, wait_until
+from tests.support import PRODUCT_PAGE_EXAMPLE, ServiceProcess, free_port, settings_env, wait_until
 
 pytestmark = pytest.mark.integration
 
-EXAMPLE = [
-    ("frontend", "Web App", True),
-    ("payments-api", "Payments API", True),
-    ("email-worker", "Email Worker", True),
-    ("internal-tools", "Internal Tools", False),
-]
+EXAMPLE = PRODUCT_PAGE_EXAMPLE
 
 
 @dataclass

@@ -174,3 +174,31 @@ class AuditRecord(Base):
     raw_topic: Mapped[str] = mapped_column(String(249), nullable=False)
     raw_partition: Mapped[int] = mapped_column(Integer, nullable=False)
     raw_offset: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class IncidentEvent(Base):
+    """One entry of an incident's timeline: a delivery that touched the incident, once.
+
+    Every event the writer applies to an incident leaves one (occurrences, resolves, reopens, and
+    comments, assignments, seer and other events attached to it). Unique per (incident, delivery):
+    the writer applies a delivery to an incident only when this row is new, so ``event_count``
+    counts distinct deliveries even when one multi-project metric alert names two projects of one
+    service. ``change`` is what the event did: opened, updated, resolved, reopened or attached.
+    """
+
+    __tablename__ = "incident_events"
+    __table_args__ = (UniqueConstraint("incident_id", "delivery_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    incident_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("incidents.id", ondelete="CASCADE"), nullable=False)
+    delivery_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    project_slug: Mapped[str | None] = mapped_column(String(100))
+    resource: Mapped[str] = mapped_column(String(64), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    change: Mapped[str] = mapped_column(String(16), nullable=False)
+    title: Mapped[str | None] = mapped_column(Text)
+    level: Mapped[str | None] = mapped_column(String(32))
+    event_id: Mapped[str | None] = mapped_column(String(64))
+    occurred_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = _created()

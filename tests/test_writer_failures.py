@@ -1,0 +1,167 @@
+"""Records the writer cannot write go to the dead-letter topic, with the reason; the rest is written.
+
+Also: the rebalance listener lets the batch in flight finish, or abandons it when it cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from incident_writer.consumer import IncidentWriter, _InFlight
+from shared.db.models import Service
+from shared.events import RawRef
+from shared.mappings import create_service, delete_service
+from shared.runtime import DeadLetterLimitExceeded
+from shared.settings import Settings
+from shared.topics import Topics
+from tests.writer_support import (
+    BASE_TIME,
+    audit_records,
+    committed_total,
+    dead_letters,
+    incidents,
+    isolated_settings,
+    make_org,
+    produce,
+    produce_raw,
+    routed,
+    running_writer,
+    timeline,
+    wait_for_audit,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def test_poison_records_are_dead_lettered_with_the_reason_and_the_rest_is_written(
+    migrated: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    settings = await isolated_settings(migrated, "poison")
+    org = await make_org(sessions)
+    async with sessions() as session, session.begin():
+        gone: Service = await create_service(session, org.org_id, "Deleted meanwhile")
+    gone_id = gone.id
+    async with sessions() as session, session.begin():
+        await delete_service(session, org.org_id, gone_id)
+
+    good = [routed(org, issue="1", minute=i) for i in range(6)]
+    deleted_service = routed(org, issue="2").model_copy(update={"service_id": gone_id})
+    comment_for_deleted_service = routed(org, resource="comment", issue="2").model_copy(update={"service_id": gone_id})
+    unknown_org = routed(org, issue="3").model_copy(update={"org": "no-such-org-" + org.slug})
+    too_long = routed(org, issue="4").model_copy(update={"project_slug": "p" * 150})
+    huge_id = routed(org, issue="5").model_copy(update={"mapping_id": 2**70})
+    partition_out_of_range = routed(org, issue="6").model_copy(
+        update={"raw": RawRef(topic="sentry.webhooks.raw", partition=2**40, offset=1)}
+    )
+    nul_in_id = routed(org, issue="7").model_copy(update={"delivery_id": "d\x00" + "0" * 62})
+    stream = [good[0], deleted_service, good[1], good[2], unknown_org, comment_for_deleted_service]
+    stream += [good[3], too_long, huge_id, good[4], partition_out_of_range, nul_in_id, good[5]]
+    await produce(settings, stream, partition=0)
+    await produce_raw(settings, Topics.from_settings(settings).routed, [b"{not an event"])
+
+    async with running_writer(settings):
+        records = await wait_for_audit(sessions, org.slug, len(good) + 1)
+        dead = await dead_letters(settings, 7)
+
+    assert sorted(r.delivery_id for r in records) == sorted(e.delivery_id for e in [*good, comment_for_deleted_service])
+    [incident] = await incidents(sessions, org.org_id)
+    assert incident.event_count == len(good)
+    assert len(dead) == 7, dead
+    by_value = {value: headers for value, headers in dead}
+    for event, error in [
+        (deleted_service, "ForeignKeyViolation"),
+        (unknown_org, "NotNullViolation"),
+        (too_long, "StringDataRightTruncation"),
+        (huge_id, "Unwritable"),
+        (partition_out_of_range, "NumericValueOutOfRange"),
+        (nul_in_id, "UntranslatableCharacter"),
+    ]:
+        headers = by_value[event.model_dump_json().encode()]
+        assert headers["stage"] == "writer.write"
+        assert headers["error"].startswith(error), headers["error"]
+        assert headers["original_topic"] == Topics.from_settings(settings).routed
+        assert headers["original_partition"] == "0"
+    undecodable = by_value[b"{not an event"]
+    assert undecodable["stage"] == "writer.decode" and undecodable["error"].startswith("invalid event")
+    assert await audit_records(sessions, "no-such-org-" + org.slug) == []
+
+
+async def test_past_the_dead_letter_budget_the_writer_stops_with_nothing_committed(
+    migrated: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    settings = await isolated_settings(migrated, "budget")
+    settings = settings.model_copy(update={"writer_dlq_window": 10, "writer_dlq_max_ratio": 0.2})
+    org = await make_org(sessions)
+    bad = [routed(org, issue=str(i)).model_copy(update={"project_slug": "p" * 150}) for i in range(5)]
+    await produce(settings, [routed(org, issue="1"), *bad], partition=0)
+    with pytest.raises(DeadLetterLimitExceeded):
+        await asyncio.wait_for(IncidentWriter(settings).run(asyncio.Event()), 30)
+    assert await committed_total(settings, settings.writer_group) == 0
+    assert await dead_letters(settings, 1, within=2) == []
+
+
+async def test_nul_characters_in_sentry_text_are_replaced_not_dead_lettered(
+    migrated: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    settings = await isolated_settings(migrated, "nul")
+    org = await make_org(sessions)
+    event = routed(org, issue="5", title="bad\x00title").model_copy(update={"culprit": "in\x00it"})
+    await produce(settings, [event])
+    async with running_writer(settings):
+        [record] = await wait_for_audit(sessions, org.slug, 1)
+    [incident] = await incidents(sessions, org.org_id)
+    assert record.title == incident.title == "bad\ufffdtitle"
+    assert incident.culprit == "in\ufffdit"
+    assert [e.title for e in await timeline(sessions, incident.id)] == ["bad\ufffdtitle"]
+
+
+async def test_times_without_a_zone_are_read_as_utc(
+    migrated: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    settings = await isolated_settings(migrated, "naive")
+    org = await make_org(sessions)
+    aware = routed(org, issue="6", minute=0)
+    later = BASE_TIME + timedelta(minutes=5)
+    naive = routed(org, resource="error", issue="6").model_copy(
+        update={"occurred_at": later.replace(tzinfo=None), "received_at": later.replace(tzinfo=None)}
+    )
+    await produce(settings, [aware, naive], partition=0)
+    async with running_writer(settings):
+        await wait_for_audit(sessions, org.slug, 2)
+    [incident] = await incidents(sessions, org.org_id)
+    assert incident.event_count == 2
+    assert incident.first_seen_at == aware.occurred_at and incident.last_seen_at == later
+
+
+def _record(offset: int) -> ConsumerRecord:
+    return ConsumerRecord("t", 0, offset, 0, 0, b"k", b"{}", None, 1, 2, [])
+
+
+async def test_rebalance_lets_the_batch_in_flight_finish_or_abandons_it(migrated: Settings) -> None:
+    writer = IncidentWriter(migrated.model_copy(update={"writer_revoke_wait_seconds": 0.3}))
+    tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
+    try:
+        finishing = _InFlight({tp: [_record(4), _record(5)]})
+        assert finishing.offsets == {tp: 6}
+        writer._inflight = finishing
+        asyncio.get_running_loop().call_later(0.05, finishing.done.set)
+        await asyncio.wait_for(writer.settle({tp}), 5)
+        assert finishing.done.is_set() and not finishing.abandoned
+
+        stuck = _InFlight({tp: [_record(7)]})
+        writer._inflight = stuck
+        await asyncio.wait_for(writer.settle({other}), 5)  # not its partitions: no wait
+        assert not stuck.abandoned
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(writer.settle({tp, other}), 5)
+        assert stuck.abandoned
+        assert asyncio.get_running_loop().time() - started >= 0.3
+    finally:
+        await writer.consumer.stop()
+        await writer.producer.stop()

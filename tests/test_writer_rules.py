@@ -1,0 +1,226 @@
+"""The writer's pure decisions, without Kafka or Postgres: incident folding, poison isolation, decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+
+from incident_writer.consumer import decode, retry_reason
+from incident_writer.incidents import Change, IncidentAction, IncidentState, Touch, apply
+from incident_writer.isolate import Poison, write_isolating
+from incident_writer.store import ConcurrentIncident, poison_reason
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+OCC, RES, REOPEN, ATTACH = (
+    IncidentAction.OCCURRENCE,
+    IncidentAction.RESOLVE,
+    IncidentAction.REOPEN,
+    IncidentAction.ATTACH,
+)
+
+
+def touch(delivery: str, action: IncidentAction = OCC, minute: int = 0, level: str | None = "error") -> Touch:
+    at = T0 + timedelta(minutes=minute)
+    return Touch(
+        delivery_id=delivery,
+        action=action,
+        seen_at=at,
+        received_at=at + timedelta(seconds=5),
+        title=f"title {delivery}",
+        level=level,
+        web_url=f"https://sentry.io/{delivery}",
+    )
+
+
+def state(**changes: object) -> IncidentState:
+    base = IncidentState(
+        status="open",
+        event_count=3,
+        title="existing",
+        level="warning",
+        first_seen_at=T0,
+        last_seen_at=T0 + timedelta(minutes=10),
+        resolved_at=None,
+        culprit=None,
+        web_url=None,
+        sentry_issue_id="1",
+        sentry_project_slug="proj",
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_first_occurrence_opens_with_the_events_fields() -> None:
+    outcome = apply(None, [touch("a", minute=5, level="warning")])
+    assert outcome.after is not None
+    assert (outcome.after.status, outcome.after.event_count, outcome.after.title) == ("open", 1, "title a")
+    assert outcome.after.first_seen_at == outcome.after.last_seen_at == T0 + timedelta(minutes=5)
+    assert outcome.after.level == "warning" and outcome.after.web_url == "https://sentry.io/a"
+    assert outcome.changes == (("a", Change.OPENED),)
+    assert outcome.linked == {"a"}
+
+
+def test_later_occurrences_count_and_escalate_but_never_lower_the_level() -> None:
+    outcome = apply(
+        None, [touch("a", minute=5), touch("b", minute=1, level="fatal"), touch("c", minute=9, level="info")]
+    )
+    assert outcome.after is not None
+    assert outcome.after.event_count == 3
+    assert outcome.after.level == "fatal"
+    assert outcome.after.first_seen_at == T0 + timedelta(minutes=1)
+    assert outcome.after.last_seen_at == T0 + timedelta(minutes=9)
+    assert outcome.after.web_url == "https://sentry.io/a"  # the first one stays
+    assert [c for _, c in outcome.changes] == [Change.OPENED, Change.UPDATED, Change.UPDATED]
+
+
+def test_resolve_and_reopen() -> None:
+    outcome = apply(state(), [touch("r", RES), touch("u", REOPEN), touch("r2", RES)])
+    assert outcome.after is not None and outcome.after.status == "resolved"
+    assert outcome.after.resolved_at == T0 + timedelta(seconds=5)
+    assert outcome.after.event_count == 3  # lifecycle actions are not occurrences
+    assert [c for _, c in outcome.changes] == [Change.RESOLVED, Change.REOPENED, Change.RESOLVED]
+
+
+def test_a_new_occurrence_reopens_a_resolved_incident() -> None:
+    outcome = apply(state(status="resolved", resolved_at=T0), [touch("x", minute=20)])
+    assert outcome.after is not None
+    assert (outcome.after.status, outcome.after.resolved_at, outcome.after.event_count) == ("open", None, 4)
+    assert outcome.changes == (("x", Change.REOPENED),)
+
+
+def test_repeated_lifecycle_actions_only_attach() -> None:
+    outcome = apply(state(), [touch("u", REOPEN)])
+    assert outcome.after == outcome.before and outcome.changes == (("u", Change.ATTACHED),)
+    outcome = apply(state(status="resolved", resolved_at=T0), [touch("r", RES)])
+    assert outcome.after == outcome.before and outcome.changes == (("r", Change.ATTACHED),)
+
+
+def test_comments_attach_to_an_existing_incident_only() -> None:
+    existing = apply(state(), [touch("c", ATTACH)])
+    assert existing.after == existing.before and existing.changes == (("c", Change.ATTACHED),)
+    assert existing.linked == {"c"}
+    nothing = apply(None, [touch("c", ATTACH), touch("r", RES), touch("u", REOPEN)])
+    assert nothing.after is None and nothing.changes == () and nothing.linked == frozenset()
+
+
+def test_events_before_the_first_occurrence_do_nothing_and_later_ones_apply() -> None:
+    outcome = apply(None, [touch("c", ATTACH), touch("o"), touch("r", RES), touch("c2", ATTACH)])
+    assert outcome.after is not None and outcome.after.status == "resolved"
+    assert [d for d, _ in outcome.changes] == ["o", "r", "c2"]
+    assert outcome.linked == {"o", "r", "c2"}
+
+
+def test_a_delivery_takes_effect_once() -> None:
+    # the same delivery twice (two projects of one metric alert on one service) and one applied before
+    outcome = apply(state(), [touch("m"), touch("m"), touch("old")], applied=frozenset({"old"}))
+    assert outcome.after is not None and outcome.after.event_count == 4
+    assert outcome.changes == (("m", Change.UPDATED),)
+    assert outcome.linked == {"m", "old"}
+
+
+def test_nothing_new_changes_nothing() -> None:
+    outcome = apply(state(), [touch("a"), touch("b", RES)], applied=frozenset({"a", "b"}))
+    assert outcome.after == outcome.before and outcome.changes == ()
+
+
+# --- poison isolation -------------------------------------------------------------------------
+
+
+class Bad(Exception):
+    pass
+
+
+def writer_failing_on(poison: set[int], calls: list[list[int]]) -> Callable[[Sequence[int]], Awaitable[list[int]]]:
+    async def write(items: Sequence[int]) -> list[int]:
+        calls.append(list(items))
+        if poison & set(items):
+            raise Bad("constraint")
+        return list(items)
+
+    return write
+
+
+def bad_reason(exc: Exception) -> str | None:
+    return "bad record" if isinstance(exc, Bad) else None
+
+
+@pytest.mark.parametrize("poison", [set(), {0}, {13}, {31}, {3, 4}, {0, 31}, set(range(32))])
+async def test_isolation_writes_everything_but_the_poison_in_order(poison: set[int]) -> None:
+    calls: list[list[int]] = []
+    written, dead = await write_isolating(list(range(32)), writer_failing_on(poison, calls), bad_reason)
+    assert [i for batch in written for i in batch] == [i for i in range(32) if i not in poison]
+    assert dead == [Poison(i, "bad record") for i in sorted(poison)]
+    if not poison:
+        assert calls == [list(range(32))]
+    if len(poison) == 1:
+        assert len(calls) <= 2 * 5 + 1  # log2(32) levels, two halves each, plus the first try
+
+
+async def test_isolation_stops_at_an_error_that_is_not_the_records_fault() -> None:
+    async def write(items: Sequence[int]) -> None:
+        raise ConnectionError("database went away")
+
+    with pytest.raises(ConnectionError):
+        await write_isolating([1, 2, 3], write, bad_reason)
+
+
+def _db_error(kind: type[Exception], orig: Exception) -> Exception:
+    return kind("INSERT …", {}, orig)
+
+
+def test_poison_reason_names_constraint_and_data_errors_only() -> None:
+    fk = psycopg.errors.ForeignKeyViolation('insert or update on table "incidents" violates foreign key\nDETAIL: …')
+    assert poison_reason(_db_error(IntegrityError, fk)) == (
+        'ForeignKeyViolation: insert or update on table "incidents" violates foreign key'
+    )
+    too_long = psycopg.errors.StringDataRightTruncation("value too long for type character varying(100)")
+    assert poison_reason(_db_error(DataError, too_long)) is not None
+    down = psycopg.OperationalError("connection refused")
+    assert poison_reason(_db_error(OperationalError, down)) is None
+    assert poison_reason(TimeoutError()) is None
+
+
+def test_retry_reasons() -> None:
+    deadlock = _db_error(OperationalError, psycopg.errors.DeadlockDetected("deadlock detected"))
+    assert retry_reason(deadlock) == "conflict"
+    assert retry_reason(ConcurrentIncident("x")) == "conflict"
+    assert retry_reason(TimeoutError()) == "timeout"
+    assert retry_reason(_db_error(OperationalError, psycopg.OperationalError("refused"))) == "database"
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def record(value: bytes | None, offset: int) -> ConsumerRecord:
+    return ConsumerRecord(
+        topic="t",
+        partition=0,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=b"k",
+        value=value,
+        checksum=None,
+        serialized_key_size=1,
+        serialized_value_size=len(value or b""),
+        headers=[],
+    )
+
+
+def test_decode_keeps_stream_order_and_names_what_is_wrong() -> None:
+    good = (
+        b'{"delivery_id":"d","org":"o","resource":"issue","action":"created","project_slug":"p",'
+        b'"received_at":"2026-11-01T00:00:00Z","raw":{"topic":"r","partition":0,"offset":1},'
+        b'"outcome":"routed","service_id":1,"mapping_id":2}'
+    )
+    batch = {TopicPartition("t", 0): [record(good, 0), record(b"{not json", 1), record(None, 2), record(good, 3)]}
+    items, invalid = decode(batch)
+    assert [i.record.offset for i in items] == [0, 3]
+    assert [r.offset for r, _ in invalid] == [1, 2]
+    assert all(error.startswith("invalid event: ") for _, error in invalid)
