@@ -26,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,7 +37,7 @@ from starlette.routing import Route
 
 from ingest.logs import configure_logging
 from ingest.publisher import Producer, Publisher, Unavailable
-from ingest.secrets import LegacyTokenCache, SecretCache
+from ingest.secrets import LegacyTokenCache, OrgCache, SecretCache
 from ingest.spool import AsyncSpool, SpooledMessage, SpoolError
 from shared import events, metrics
 from shared.db.session import create_engine, sessionmaker
@@ -47,6 +48,7 @@ from shared.settings import Settings, get_settings
 from shared.topics import Topics
 
 log = logging.getLogger("blametrail.ingest")
+C = TypeVar("C")  # an org's credentials as the cache holds them
 
 INGEST_VERSION = "1"
 RESOURCE_HEADER = "sentry-hook-resource"
@@ -119,27 +121,46 @@ async def _answer(request: Request, resource: str, handle: Handler) -> Response:
         metrics.INGEST_REQUEST_SECONDS.observe(time.perf_counter() - started)
 
 
+async def _receive(
+    state: IngestState,
+    request: Request,
+    org: str,
+    resource: str,
+    credentials: OrgCache[C | None],
+    verify: Callable[[bytes, C], bool],
+) -> tuple[Response, str]:
+    """Read the body within the size limit, check it against the org's cached credentials, publish.
+
+    An unknown org, an invalid slug and a failed check all get the same 401 (no org enumeration).
+    """
+    try:
+        body = await read_body(request, state.settings.max_body_bytes)
+    except BodyTooLarge:
+        return _too_large(state)
+    except ClientDisconnect:
+        return Response(status_code=400), "disconnected"
+    metrics.INGEST_BODY_BYTES.observe(len(body))
+    try:
+        known = await credentials.get(org) if is_valid_slug(org) else None
+    except Exception as exc:
+        log.error("cannot load the credentials of org %s: %r", org, exc)
+        return _unavailable("credentials cannot be checked right now; retry")
+    if known is None or not verify(body, known):
+        return _unauthorized()
+    return await _publish(state, request, org, resource, body)
+
+
 async def webhook(request: Request) -> Response:
     """``POST /webhooks/sentry/{org}``: a signed Sentry Integration Platform webhook."""
     org = request.path_params["org"]
     resource = (request.headers.get(RESOURCE_HEADER) or "").strip().lower()[:64] or "unknown"
+    signature = request.headers.get(SIGNATURE_HEADER)
+
+    def verify(body: bytes, secrets: tuple[str, ...]) -> bool:
+        return signature_matches(signature, body, secrets)
 
     async def handle(state: IngestState, request: Request) -> tuple[Response, str]:
-        try:
-            body = await read_body(request, state.settings.max_body_bytes)
-        except BodyTooLarge:
-            return _too_large(state)
-        except ClientDisconnect:
-            return Response(status_code=400), "disconnected"
-        metrics.INGEST_BODY_BYTES.observe(len(body))
-        try:
-            secrets = await state.secrets.get(org) if is_valid_slug(org) else None
-        except Exception as exc:
-            log.error("cannot load the secrets of org %s: %r", org, exc)
-            return _unavailable("credentials cannot be checked right now; retry")
-        if secrets is None or not signature_matches(request.headers.get(SIGNATURE_HEADER), body, secrets):
-            return _unauthorized()
-        return await _publish(state, request, org, resource, body)
+        return await _receive(state, request, org, resource, state.secrets, verify)
 
     return await _answer(request, resource, handle)
 
@@ -151,25 +172,13 @@ async def legacy_webhook(request: Request) -> Response:
     token hashes to the stored one (constant-time compare). Published with resource ``legacy_webhook``.
     """
     org = request.path_params["org"]
-    token = request.path_params["token"]
+    given = hash_token(request.path_params["token"]).hex().encode()
+
+    def verify(body: bytes, expected: str) -> bool:
+        return hmac.compare_digest(given, expected.strip().lower().encode())
 
     async def handle(state: IngestState, request: Request) -> tuple[Response, str]:
-        try:
-            body = await read_body(request, state.settings.max_body_bytes)
-        except BodyTooLarge:
-            return _too_large(state)
-        except ClientDisconnect:
-            return Response(status_code=400), "disconnected"
-        metrics.INGEST_BODY_BYTES.observe(len(body))
-        try:
-            expected = await state.legacy_tokens.get(org) if is_valid_slug(org) else None
-        except Exception as exc:
-            log.error("cannot load the legacy plugin token of org %s: %r", org, exc)
-            return _unavailable("credentials cannot be checked right now; retry")
-        given = hash_token(token).hex().encode()
-        if expected is None or not hmac.compare_digest(given, expected.strip().lower().encode()):
-            return _unauthorized()
-        return await _publish(state, request, org, LEGACY, body)
+        return await _receive(state, request, org, LEGACY, state.legacy_tokens, verify)
 
     return await _answer(request, LEGACY, handle)
 

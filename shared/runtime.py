@@ -76,10 +76,6 @@ class RebalanceGuard(ConsumerRebalanceListener):  # type: ignore[misc]
         metrics.CONSUMER_ASSIGNED_PARTITIONS.labels(group=self._group).set(len(assigned))
 
 
-# Old name, kept while callers move to RebalanceGuard.batch().
-RebalanceMetrics = RebalanceGuard
-
-
 class DeadLetterLimitExceeded(RuntimeError):
     """Too many records dead-lettered recently: stop instead of dead-lettering a whole topic."""
 

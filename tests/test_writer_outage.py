@@ -43,7 +43,7 @@ pytestmark = pytest.mark.integration
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 # Shortened from 30 s (see docs/writer.md): with the 0.2 s → 5 s backoff this spans six attempts,
 # the last ones at the backoff cap, and a full rebalance with an abandoned batch.
-OUTAGE_SECONDS = 12.0
+OUTAGE_SECONDS = 30.0
 
 
 def postgres(action: str, run_dir: Path) -> dict[str, str]:
