@@ -23,7 +23,15 @@ from starlette.responses import JSONResponse, Response
 
 from admin import schemas
 from shared import mappings
-from shared.db.models import ApiToken, AuditRecord, Incident, Organization, SentryIntegration, SentryProjectMapping
+from shared.db.models import (
+    ApiToken,
+    AuditRecord,
+    Incident,
+    IncidentEvent,
+    Organization,
+    SentryIntegration,
+    SentryProjectMapping,
+)
 from shared.errors import DomainError, ErrorKind
 from shared.security import hash_token
 from shared.settings import Settings
@@ -201,6 +209,19 @@ async def list_incidents(call: Call) -> Response:
     )
 
 
+async def incident_timeline(call: Call) -> Response:
+    incident_id = call.path_int("incident_id")
+    owner = await call.session.scalar(
+        select(Incident.id).where(Incident.org_id == call.org_id, Incident.id == incident_id)
+    )
+    if owner is None:
+        raise ApiError(404, "not_found", f"incident {incident_id} not found")
+    entries = await call.session.scalars(
+        select(IncidentEvent).where(IncidentEvent.incident_id == incident_id).order_by(IncidentEvent.id)
+    )
+    return json_response([schemas.TimelineEntryOut.model_validate(e) for e in entries])
+
+
 async def list_audit(call: Call) -> Response:
     q = call.query(schemas.AuditQuery)
     stmt = select(AuditRecord).where(AuditRecord.org_id == call.org_id)
@@ -271,6 +292,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "GET", "/incidents", list_incidents, "Incidents, newest first", query=schemas.IncidentQuery,
         response=schemas.IncidentPage, errors=(422,),
+    ),
+    Endpoint(
+        "GET", "/incidents/{incident_id:int}/events", incident_timeline,
+        "An incident's timeline: every delivery that touched it, oldest first",
+        response=schemas.TimelineEntryOut, many=True, errors=(404,),
     ),
     Endpoint(
         "GET", "/integrations/sentry/audit", list_audit, "Audit records, newest first", query=schemas.AuditQuery,

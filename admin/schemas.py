@@ -88,6 +88,19 @@ class IncidentOut(_Out):
     last_seen_at: datetime
 
 
+class TimelineEntryOut(_Out):
+    delivery_id: str
+    project_slug: str | None
+    resource: str
+    action: str
+    change: str
+    title: str | None
+    level: str | None
+    event_id: str | None
+    occurred_at: datetime | None
+    received_at: datetime
+
+
 class IncidentPage(_Out):
     items: list[IncidentOut]
     next: str | None

@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from admin.app import create_app
-from shared.db.models import MAPPINGS_CHANNEL, AuditRecord, Incident
+from shared.db.models import MAPPINGS_CHANNEL, AuditRecord, Incident, IncidentEvent
 from shared.db.session import libpq_url
 from shared.orgs import create_org
 from shared.settings import Settings
@@ -392,3 +392,37 @@ async def test_mapping_changes_notify_listeners_with_the_org(org: Org, migrated:
         ("UPDATE", created["id"], "frontend"),
         ("DELETE", created["id"], "frontend"),
     ]
+
+
+async def test_incident_timeline_lists_what_touched_it_and_hides_other_orgs(
+    org: Org, other: Org, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    web = await service(org, "Web App")
+    now = datetime.now(UTC)
+    async with sessions() as session, session.begin():
+        incident_id = await session.scalar(
+            insert(Incident)
+            .values(
+                org_id=org.id, service_id=web, incident_key="issue:7", title="t", first_seen_at=now, last_seen_at=now
+            )
+            .returning(Incident.id)
+        )
+        for delivery, resource, action, change in (
+            ("d1", "issue", "created", "opened"),
+            ("d2", "comment", "created", "attached"),
+            ("d3", "issue", "resolved", "resolved"),
+        ):
+            await session.execute(
+                insert(IncidentEvent).values(
+                    incident_id=incident_id, delivery_id=delivery, resource=resource, action=action,
+                    change=change, received_at=now,
+                )
+            )  # fmt: skip
+    timeline = (await org.client.get(f"/api/v1/incidents/{incident_id}/events")).json()
+    assert [(e["delivery_id"], e["resource"], e["change"]) for e in timeline] == [
+        ("d1", "issue", "opened"),
+        ("d2", "comment", "attached"),
+        ("d3", "issue", "resolved"),
+    ]
+    error(await other.client.get(f"/api/v1/incidents/{incident_id}/events"), 404)
+    error(await org.client.get("/api/v1/incidents/987654321/events"), 404)
