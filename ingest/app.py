@@ -35,13 +35,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ingest.logs import configure_logging
 from ingest.publisher import Producer, Publisher, Unavailable
 from ingest.secrets import LegacyTokenCache, OrgCache, SecretCache
 from ingest.spool import AsyncSpool, SpooledMessage, SpoolError
 from shared import events, metrics
 from shared.db.session import create_engine, sessionmaker
 from shared.kafka import make_producer
+from shared.logs import setup_logging
 from shared.security import hash_token, signature_matches
 from shared.sentry import KNOWN_RESOURCES, LEGACY, is_valid_slug, parse_webhook, partition_key
 from shared.settings import Settings, get_settings
@@ -244,7 +244,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     usable: ingest must not run without its durability net), starts the publisher and, on shutdown,
     stops draining, flushes the producer and leaves unsent rows in the spool for the next start."""
     settings = settings or get_settings()
-    configure_logging()
+    setup_logging()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -87,7 +87,8 @@ def cmd_admin(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_router(args: argparse.Namespace, settings: Settings) -> None:
     from router.consumer import Router
-    from shared.runtime import run_until_signalled, serve_metrics, setup_logging
+    from shared.logs import setup_logging
+    from shared.runtime import run_until_signalled, serve_metrics
 
     setup_logging(args.log_level)
     serve_metrics(settings.router_metrics_port)
@@ -96,7 +97,8 @@ def cmd_router(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_writer(args: argparse.Namespace, settings: Settings) -> None:
     from incident_writer.consumer import IncidentWriter
-    from shared.runtime import run_until_signalled, serve_metrics, setup_logging
+    from shared.logs import setup_logging
+    from shared.runtime import run_until_signalled, serve_metrics
 
     setup_logging(args.log_level)
     serve_metrics(settings.writer_metrics_port)

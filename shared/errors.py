@@ -30,3 +30,11 @@ def not_found(code: str, message: str) -> DomainError:
 
 def conflict(code: str, message: str, field: str | None = None) -> DomainError:
     return DomainError(ErrorKind.CONFLICT, code, message, field)
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, dict[str, str]]:
+    """The JSON error shape every HTTP answer of ingest and admin uses: ``{"error": {code, message, field?}}``."""
+    error = {"code": code, "message": message}
+    if field is not None:
+        error["field"] = field
+    return {"error": error}

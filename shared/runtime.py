@@ -18,11 +18,6 @@ from shared import metrics
 log = logging.getLogger(__name__)
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-
-
 def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` on ``port`` (0 disables it)."""
     if port:

@@ -293,10 +293,16 @@ def parse_webhook(resource: str, body: object) -> ParsedWebhook:
     return ParsedWebhook(resource=resource, action=action)
 
 
-def partition_key(org: str, parsed: ParsedWebhook) -> str:
-    """``{org}/{issue}`` when the body names a Sentry issue, else ``{org}/{project}``, else ``{org}``."""
-    if parsed.sentry_issue_id:
-        return f"{org}/{parsed.sentry_issue_id}"
-    if parsed.projects:
-        return f"{org}/{parsed.projects[0].slug}"
+def record_key(org: str, sentry_issue_id: str | None, project_slug: str | None) -> str:
+    """The Kafka record key: ``{org}/{issue}`` when there is a Sentry issue, else ``{org}/{project}``,
+    else ``{org}`` — one issue's events stay in order on one partition."""
+    if sentry_issue_id:
+        return f"{org}/{sentry_issue_id}"
+    if project_slug:
+        return f"{org}/{project_slug}"
     return org
+
+
+def partition_key(org: str, parsed: ParsedWebhook) -> str:
+    """:func:`record_key` of a parsed webhook (its first project)."""
+    return record_key(org, parsed.sentry_issue_id, parsed.projects[0].slug if parsed.projects else None)

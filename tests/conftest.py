@@ -5,24 +5,12 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db.session import create_engine, sessionmaker
 from shared.settings import Settings
-
-PAYLOADS = Path(__file__).resolve().parents[2] / "shared" / "sentry" / "payloads"
-
-
-def payloads_dir() -> Path:
-    """The team's Sentry payload corpus (``../shared/sentry/payloads`` beside the repo)."""
-    env = os.environ.get("BLAMETRAIL_PAYLOADS_DIR")
-    path = Path(env) if env else PAYLOADS
-    if not path.is_dir():
-        pytest.fail(f"Sentry payload corpus not found at {path}; set BLAMETRAIL_PAYLOADS_DIR")
-    return path
 
 
 def _require_services() -> None:

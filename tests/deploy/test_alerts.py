@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 import shared.metrics  # noqa: F401 - registers every BlameTrail metric
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def defined_samples() -> set[str]:

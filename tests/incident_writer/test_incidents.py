@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from incident_writer.consumer import IncidentWriter, Records
 from shared.events import Reason, RoutedEvent
 from shared.settings import Settings
-from tests.writer_support import (
+from tests.support.writer import (
     audit_records,
     delivery,
     ignored,

@@ -14,7 +14,7 @@ import yaml
 
 from shared.settings import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 PROMETHEUS_FILE = REPO / "deploy" / "prometheus.yml"
 GRAFANA_DATASOURCE_FILE = REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"

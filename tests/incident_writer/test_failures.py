@@ -20,7 +20,7 @@ from shared.mappings import create_service, delete_service
 from shared.runtime import DeadLetterLimitExceeded
 from shared.settings import Settings
 from shared.topics import Topics
-from tests.writer_support import (
+from tests.support.writer import (
     BASE_TIME,
     audit_records,
     committed_total,

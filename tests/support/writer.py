@@ -1,4 +1,4 @@
-"""Helpers of the incident writer tests (``tests/test_writer_*.py``); this module holds no tests.
+"""Helpers of the incident writer tests (``tests/incident_writer/``); this module holds no tests.
 
 Events are built as the router builds them and produced straight to the routed/ignored topics, so
 the writer is tested on its own against the real broker and database.
@@ -7,6 +7,7 @@ the writer is tested on its own against the real broker and database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import random
@@ -16,8 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import httpx
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from sqlalchemy import func, select
@@ -30,9 +30,11 @@ from shared.events import IgnoredEvent, OutputEvent, RawRef, Reason, RoutedEvent
 from shared.kafka import create_topics, make_producer
 from shared.mappings import add_mapping, create_service
 from shared.orgs import create_org
+from shared.sentry import record_key
 from shared.settings import Settings
 from shared.topics import Topics
 from tests.support import wait_until
+from tests.support.kafka import TopicReader
 
 _offsets = itertools.count()
 BASE_TIME = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -137,8 +139,8 @@ async def isolated_settings(base: Settings, name: str) -> Settings:
 
 
 def partition_key(event: OutputEvent) -> bytes:
-    """The router's key: one Sentry issue's events stay in order on one partition."""
-    return f"{event.org}/{event.sentry_issue_id or event.project_slug}".encode()
+    """The key the router gives ``event``'s record (the raw record's key)."""
+    return record_key(event.org, event.sentry_issue_id, event.project_slug).encode()
 
 
 async def produce(
@@ -196,25 +198,11 @@ async def running_writer(
 
 
 async def dead_letters(settings: Settings, count: int, within: float = 30.0) -> list[tuple[bytes, dict[str, str]]]:
-    """The first ``count`` records of the dead-letter topic: (value, headers)."""
-    consumer = AIOKafkaConsumer(
-        Topics.from_settings(settings).dlq,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    out: list[tuple[bytes, dict[str, str]]] = []
-    try:
-        deadline = asyncio.get_running_loop().time() + within
-        while len(out) < count and asyncio.get_running_loop().time() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            for records in batch.values():
-                for r in records:
-                    out.append((r.value or b"", {k: (v or b"").decode() for k, v in r.headers}))
-    finally:
-        await consumer.stop()
-    return out
+    """The first ``count`` records of the dead-letter topic (fewer if ``within`` passes): (value, headers)."""
+    async with TopicReader(settings.kafka_bootstrap, [Topics.from_settings(settings).dlq]) as reader:
+        with contextlib.suppress(AssertionError):
+            await reader.wait_for_count(count, within=within)
+        return [(r.value, r.headers) for r in reader.records[:count]]
 
 
 async def audit_count(sessions: async_sessionmaker[AsyncSession], org: str) -> int:
@@ -353,15 +341,3 @@ async def group_members(settings: Settings, group: str) -> tuple[str, int]:
     # DescribeGroupsResponse groups: (error_code, group_id, state, protocol_type, protocol, members, …)
     [described] = response.groups
     return str(described[2]), len(described[5])
-
-
-async def scrape(port: int, name: str, **labels: str) -> float:
-    """The value of one sample on a service's ``/metrics`` (0 when absent)."""
-    async with httpx.AsyncClient(timeout=5) as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())  # in the metric's label order
-    sample = f"{name}{{{wanted}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0

@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.settings import Settings
 from tests.support import ServiceProcess, free_port, settings_env, wait_until
-from tests.writer_support import (
+from tests.support.metrics import scrape
+from tests.support.writer import (
     assert_exact,
     committed_total,
     group_members,
@@ -22,7 +23,6 @@ from tests.writer_support import (
     make_org,
     produce,
     running_writer,
-    scrape,
     workload,
 )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from shared.settings import Settings
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_every_setting_is_documented_and_every_documented_one_exists() -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ingest.app import create_app
@@ -20,25 +19,23 @@ from shared import events
 from shared.kafka import make_producer
 from shared.settings import Settings
 from shared.topics import Topics
-from tests.ingest_support import RawTopicReader, new_org
 from tests.support import free_port, signed_headers, wait_until
+from tests.support.ingest import new_org
+from tests.support.kafka import TopicReader
+from tests.support.metrics import local as counter
 
 pytestmark = pytest.mark.integration
 
 
-def counter(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 @pytest.fixture
-async def raw(topics: Settings) -> AsyncIterator[RawTopicReader]:
-    reader = RawTopicReader(topics.kafka_bootstrap, Topics.from_settings(topics).raw, topics.topic_partitions)
+async def raw(topics: Settings) -> AsyncIterator[TopicReader]:
+    reader = TopicReader(topics.kafka_bootstrap, [Topics.from_settings(topics).raw])
     await reader.start()
     yield reader
     await reader.stop()
 
 
-async def test_a_replaced_producer_loses_nothing(topics: Settings, raw: RawTopicReader, tmp_path: Path) -> None:
+async def test_a_replaced_producer_loses_nothing(topics: Settings, raw: TopicReader, tmp_path: Path) -> None:
     spool = await AsyncSpool.open(tmp_path, 1 << 24)
 
     def factory() -> Producer:

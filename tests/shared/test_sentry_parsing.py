@@ -17,7 +17,7 @@ from shared.sentry import (
     partition_key,
     project_from_api_url,
 )
-from tests.conftest import payloads_dir
+from tests.support.sentry import payloads_dir
 
 # file → (resource, action, project slugs, project ids, sentry issue id, alert identifier, event id, sentry org)
 EXPECTED: dict[str, tuple[str, str, list[str], list[str | None], str | None, str | None, str | None, str | None]] = {

@@ -8,14 +8,12 @@ was sent: every delivery present, each key's deliveries in the order they were s
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -27,13 +25,15 @@ from shared.kafka import create_topics
 from shared.orgs import NewOrg
 from shared.settings import Settings
 from shared.topics import Topics
-from tests.conftest import payloads_dir
-from tests.ingest_support import RawRecord, RawTopicReader, metric, new_org, start_ingest
 from tests.support import free_port, settings_env, signed_headers, wait_until
+from tests.support.ingest import new_org, start_ingest
+from tests.support.kafka import Record, TopicReader
+from tests.support.metrics import scrape
+from tests.support.sentry import issue_body
 
 pytestmark = pytest.mark.integration
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 ANSWER_BUDGET = 1.0  # Sentry's timeout
 OUTAGE_SECONDS = 12.0
 
@@ -158,13 +158,6 @@ def ingest_env(stack: Stack, port: int, spool_dir: Path) -> dict[str, str]:
     return settings_env(settings)
 
 
-def issue_body(issue_id: str, n: int) -> bytes:
-    body: dict[str, Any] = json.loads((payloads_dir() / "issue.created.json").read_bytes())
-    body["data"]["issue"]["id"] = issue_id
-    body["data"]["issue"]["count"] = str(n)  # distinct bytes, distinct delivery id
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
 @dataclass(frozen=True)
 class Sent:
     key: str
@@ -174,7 +167,7 @@ class Sent:
 
 
 async def send(stack: Stack, port: int, issue_id: str, n: int) -> Sent:
-    body = issue_body(issue_id, n)
+    body = issue_body(issue_id, count=n)
     started = time.monotonic()
     response = await stack.client.post(
         f"http://127.0.0.1:{port}/webhooks/sentry/{stack.org.org}",
@@ -201,11 +194,9 @@ async def traffic(stack: Stack, port: int, issues: list[str], per_issue: int, fi
     return [s for per in results for s in per]
 
 
-async def read_back(stack: Stack, sent: list[Sent], within: float = 60.0) -> list[RawRecord]:
+async def read_back(stack: Stack, sent: list[Sent], within: float = 60.0) -> list[Record]:
     """Every record of the raw topic, once all ``sent`` deliveries arrived."""
-    raw = RawTopicReader(
-        stack.broker.bootstrap, Topics.from_settings(stack.settings).raw, stack.settings.topic_partitions
-    )
+    raw = TopicReader(stack.broker.bootstrap, [Topics.from_settings(stack.settings).raw])
     await raw.start()
     try:
         await raw.wait_for({s.delivery_id for s in sent}, within=within)
@@ -214,9 +205,9 @@ async def read_back(stack: Stack, sent: list[Sent], within: float = 60.0) -> lis
         await raw.stop()
 
 
-def assert_complete_and_in_order(sent: list[Sent], records: list[RawRecord]) -> None:
+def assert_complete_and_in_order(sent: list[Sent], records: list[Record]) -> None:
     """All deliveries present; per key, first occurrences in send order, all on one partition."""
-    first: dict[str, RawRecord] = {}
+    first: dict[str, Record] = {}
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
         first.setdefault(r.delivery_id, r)
     assert {s.delivery_id for s in sent} <= set(first)
@@ -229,7 +220,7 @@ def assert_complete_and_in_order(sent: list[Sent], records: list[RawRecord]) -> 
 
 
 async def spool_depth(stack: Stack, port: int) -> float:
-    return await metric(stack.client, port, "blametrail_ingest_spool_depth")
+    return await scrape(port, client=stack.client, name="blametrail_ingest_spool_depth")
 
 
 async def test_broker_outage_answers_from_the_spool_and_delivers_everything_in_order(
@@ -265,10 +256,10 @@ async def test_broker_outage_answers_from_the_spool_and_delivers_everything_in_o
             return await spool_depth(stack, port) == 0
 
         await wait_until(spool_empty, within=30, what="the spool to drain")
-        drained = await metric(stack.client, port, "blametrail_ingest_spool_drained_total")
+        drained = await scrape(port, client=stack.client, name="blametrail_ingest_spool_drained_total")
         assert drained >= len(during)
-        spooled = await metric(
-            stack.client, port, "blametrail_ingest_requests_total", outcome="spooled", resource="issue"
+        spooled = await scrape(
+            port, client=stack.client, name="blametrail_ingest_requests_total", outcome="spooled", resource="issue"
         )
         assert spooled == len(during)
 
@@ -276,7 +267,7 @@ async def test_broker_outage_answers_from_the_spool_and_delivers_everything_in_o
         assert {s.status for s in after} == {"accepted"}  # straight to Kafka again
         records = await read_back(stack, before + during + after)
         assert_complete_and_in_order(before + during + after, records)
-        restarts = await metric(stack.client, port, "blametrail_ingest_producer_restarts_total")
+        restarts = await scrape(port, client=stack.client, name="blametrail_ingest_producer_restarts_total")
         duplicates = len(records) - len({r.delivery_id for r in records})
         print(f"outage: slowest answer {slowest:.3f}s, producer restarts {restarts}, duplicates {duplicates}")
     finally:

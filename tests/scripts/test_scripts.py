@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def run(script: str, action: str, run_dir: Path, **env: str) -> dict[str, str]:

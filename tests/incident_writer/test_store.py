@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from incident_writer.store import ConcurrentIncident, write_batch
 from tests.support import wait_until
-from tests.writer_support import audit_count, incidents, make_org, routed, timeline
+from tests.support.writer import audit_count, incidents, make_org, routed, timeline
 
 pytestmark = pytest.mark.integration
 

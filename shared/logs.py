@@ -1,4 +1,4 @@
-"""Ingest's log output: its own messages, and aiokafka's without the flood during a Kafka outage.
+"""Every service's log output: its own messages, and aiokafka's without the flood during an outage.
 
 aiokafka logs every failed reconnect (hundreds of lines a second while the broker is down); the
 repeat filter lets one record per logger, level and message template through per interval and
@@ -37,10 +37,12 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """Send ``blametrail.ingest`` and ``aiokafka`` records to stderr, rate-limited. Idempotent."""
-    for name, lvl in (("blametrail.ingest", level), ("aiokafka", logging.WARNING)):
+def setup_logging(level: str | int = logging.INFO) -> None:
+    """Send ``blametrail.*`` (at ``level``) and ``aiokafka`` (warnings) records to stderr through the
+    repeat filter. Idempotent: a second call only changes the level."""
+    for name, lvl in (("blametrail", level), ("aiokafka", logging.WARNING)):
         logger = logging.getLogger(name)
+        logger.setLevel(lvl)
         if any(getattr(h, "_blametrail", False) for h in logger.handlers):
             continue
         handler = logging.StreamHandler(sys.stderr)
@@ -48,5 +50,4 @@ def configure_logging(level: int = logging.INFO) -> None:
         handler.addFilter(RepeatFilter())
         handler._blametrail = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-        logger.setLevel(lvl)
         logger.propagate = False

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.settings import Settings
 from tests.support import ServiceProcess, settings_env, wait_until
-from tests.writer_support import (
+from tests.support.writer import (
     assert_exact,
     audit_count,
     committed_total,

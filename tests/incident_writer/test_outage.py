@@ -26,7 +26,8 @@ from shared.db.migrate import upgrade
 from shared.db.session import create_engine, sessionmaker
 from shared.settings import Settings
 from tests.support import ServiceProcess, free_port, settings_env, wait_until
-from tests.writer_support import (
+from tests.support.metrics import scrape
+from tests.support.writer import (
     assert_exact,
     audit_count,
     committed_total,
@@ -34,13 +35,12 @@ from tests.writer_support import (
     isolated_settings,
     make_org,
     produce,
-    scrape,
     workload,
 )
 
 pytestmark = pytest.mark.integration
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 # Shortened from 30 s (see docs/writer.md): with the 0.2 s → 5 s backoff this spans six attempts,
 # the last ones at the backoff cap, and a full rebalance with an abandoned batch.
 OUTAGE_SECONDS = 30.0

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,19 +14,21 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from router.consumer import Router
 from shared import events
-from shared.kafka import create_topics, header_map
+from shared.kafka import create_topics
 from shared.mappings import add_mapping, create_service, delete_mapping, edit_mapping
 from shared.orgs import create_org
 from shared.sentry import parse_webhook, partition_key
 from shared.settings import Settings
 from shared.topics import Topics
-from tests.conftest import payloads_dir
 from tests.support import PRODUCT_PAGE_EXAMPLE, ServiceProcess, free_port, settings_env, wait_until
+from tests.support.kafka import TopicReader
+from tests.support.metrics import scrape, scrape_all
+from tests.support.sentry import issue_body, payloads_dir
 
 pytestmark = pytest.mark.integration
 
@@ -89,13 +91,6 @@ async def _ready(router: Router, task: asyncio.Task[None]) -> bool:
     return bool(router.consumer.assignment()) and router.cache.listening.is_set()
 
 
-def issue_body(project: str, issue_id: str) -> bytes:
-    body: dict[str, Any] = json.loads((payloads_dir() / "issue.created.json").read_bytes())
-    body["data"]["issue"]["id"] = issue_id
-    body["data"]["issue"]["project"]["slug"] = project
-    return orjson.dumps(body)
-
-
 async def send_raw(env: Env, body: bytes, resource: str = "issue", org: str | None = None) -> str:
     """Publish like ingest does; returns the delivery id."""
     org = org or env.org
@@ -114,53 +109,17 @@ async def send_raw(env: Env, body: bytes, resource: str = "issue", org: str | No
     return delivery
 
 
-class Outputs:
+def outputs(env: Env) -> TopicReader:
     """Reads routed, ignored and dlq from the beginning, without a consumer group."""
-
-    def __init__(self, env: Env) -> None:
-        self.env = env
-        self.records: list[tuple[str, dict[str, str], bytes, bytes | None]] = []
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=env.settings.kafka_bootstrap, enable_auto_commit=False)
-
-    async def __aenter__(self) -> Outputs:
-        await self.consumer.start()
-        topics = (self.env.topics.routed, self.env.topics.ignored, self.env.topics.dlq)
-        parts = [TopicPartition(t, p) for t in topics for p in self.consumer.partitions_for_topic(t) or ()]
-        if not parts:
-            await self.consumer._client.force_metadata_update()
-            parts = [TopicPartition(t, p) for t in topics for p in self.consumer.partitions_for_topic(t) or ()]
-        self.consumer.assign(parts)
-        await self.consumer.seek_to_beginning(*parts)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.consumer.stop()
-
-    async def poll(self) -> None:
-        batch = await self.consumer.getmany(timeout_ms=200)
-        for tp, records in batch.items():
-            for r in records:
-                self.records.append((tp.topic, header_map(r.headers), r.value or b"", r.key))
-
-    def events(self, topic: str) -> list[dict[str, Any]]:
-        return [orjson.loads(v) for t, _, v, _ in self.records if t == topic]
-
-    async def wait_for(self, count: int, topics: Sequence[str] | None = None, within: float = 30) -> None:
-        wanted = set(topics or (self.env.topics.routed, self.env.topics.ignored, self.env.topics.dlq))
-
-        async def enough() -> bool:
-            await self.poll()
-            return sum(1 for t, *_ in self.records if t in wanted) >= count
-
-        await wait_until(enough, within=within, what=f"{count} output records")
+    return TopicReader(env.settings.kafka_bootstrap, (env.topics.routed, env.topics.ignored, env.topics.dlq))
 
 
 async def test_product_page_example_routes_as_the_page_says(env: Env, router: Router) -> None:
-    sent = {p: await send_raw(env, issue_body(p, f"1{i}")) for i, p in enumerate(
+    sent = {p: await send_raw(env, issue_body(f"1{i}", project=p)) for i, p in enumerate(
         ["frontend", "payments-api", "email-worker", "internal-tools", "marketing-site"]
     )}  # fmt: skip
-    async with Outputs(env) as out:
-        await out.wait_for(5)
+    async with outputs(env) as out:
+        await out.wait_for_count(5)
         routed = {e["project_slug"]: e for e in out.events(env.topics.routed)}
         ignored = {e["project_slug"]: e for e in out.events(env.topics.ignored)}
     assert set(routed) == {"frontend", "payments-api", "email-worker"}
@@ -179,10 +138,11 @@ async def test_product_page_example_routes_as_the_page_says(env: Env, router: Ro
 
 
 async def test_outputs_keep_the_raw_key(env: Env, router: Router) -> None:
-    await send_raw(env, issue_body("frontend", "777"))
-    async with Outputs(env) as out:
-        await out.wait_for(1)
-        [(_, headers, _, key)] = out.records
+    await send_raw(env, issue_body("777", project="frontend"))
+    async with outputs(env) as out:
+        await out.wait_for_count(1)
+        [record] = out.records
+    headers, key = record.headers, record.key
     assert key == f"{env.org}/777".encode() and headers[events.H_ORG] == env.org
 
 
@@ -196,9 +156,9 @@ async def test_every_resource_is_classified(env: Env, router: Router) -> None:
     }
     for resource, (name, _, _) in cases.items():
         await send_raw(env, (payloads_dir() / name).read_bytes(), resource)
-    await send_raw(env, issue_body("frontend", "5"), org="no-such-org-anywhere")
-    async with Outputs(env) as out:
-        await out.wait_for(6)
+    await send_raw(env, issue_body("5", project="frontend"), org="no-such-org-anywhere")
+    async with outputs(env) as out:
+        await out.wait_for_count(6)
         got = {(e["resource"], e["org"]): e.get("reason") for e in out.events(env.topics.ignored)}
     for resource, (_, _, reason) in cases.items():
         assert got[(resource, env.org)] == reason, resource
@@ -210,8 +170,8 @@ async def test_metric_alert_with_several_projects_routes_each(env: Env, router: 
     body["action"] = "critical"
     body["data"]["metric_alert"]["projects"] = ["frontend", "payments-api", "internal-tools", "nowhere"]
     delivery = await send_raw(env, orjson.dumps(body), "metric_alert")
-    async with Outputs(env) as out:
-        await out.wait_for(4)
+    async with outputs(env) as out:
+        await out.wait_for_count(4)
         routed = out.events(env.topics.routed)
         ignored = out.events(env.topics.ignored)
     assert sorted(e["project_slug"] for e in routed) == ["frontend", "payments-api"]
@@ -229,10 +189,10 @@ async def test_poison_message_goes_to_dlq_and_the_next_is_routed(env: Env, route
         env.topics.raw, value=poison, key=b"k", headers=[(events.H_ORG, env.org.encode()), ("x-extra", b"kept")]
     )
     await env.producer.send_and_wait(env.topics.raw, value=b"{}", key=b"k")  # no org header at all
-    await send_raw(env, issue_body("frontend", "42"))
-    async with Outputs(env) as out:
-        await out.wait_for(3)
-        dlq = [(h, v) for t, h, v, _ in out.records if t == env.topics.dlq]
+    await send_raw(env, issue_body("42", project="frontend"))
+    async with outputs(env) as out:
+        await out.wait_for_count(3)
+        dlq = [(r.headers, r.value) for r in out.on(env.topics.dlq)]
         routed = out.events(env.topics.routed)
     assert [v for _, v in dlq] == [poison, b"{}"]
     headers = dlq[0][0]
@@ -270,10 +230,10 @@ async def test_mapping_changes_take_effect_while_running(
             else:
                 await edit_mapping(session, env.org_id, env.mappings["frontend"], active=change == "enable")
         timings.append(await latency_until(router, env.org, "frontend", expect))
-        await send_raw(env, issue_body("frontend", f"9{len(timings)}"))
+        await send_raw(env, issue_body(f"9{len(timings)}", project="frontend"))
     assert max(timings) < 1.0, timings
-    async with Outputs(env) as out:
-        await out.wait_for(4)
+    async with outputs(env) as out:
+        await out.wait_for_count(4)
         seen = sorted(
             (e["sentry_issue_id"], e.get("reason"), e.get("service_id"))
             for e in out.events(env.topics.routed) + out.events(env.topics.ignored)
@@ -309,7 +269,7 @@ async def test_router_killed_mid_batch_loses_nothing(env: Env, tmp_path: Path) -
     total = 3000
     sends = []
     for i in range(total):
-        body = issue_body(EXAMPLE[i % 4][0], str(100000 + i))
+        body = issue_body(str(100000 + i), project=EXAMPLE[i % 4][0])
         sends.append(
             await env.producer.send(
                 env.topics.raw,
@@ -320,10 +280,10 @@ async def test_router_killed_mid_batch_loses_nothing(env: Env, tmp_path: Path) -
             )
         )  # fmt: skip
     await asyncio.gather(*sends)
-    async with Outputs(env) as out:
+    async with outputs(env) as out:
         first = router_process(env, tmp_path, free_port())
         try:
-            await out.wait_for(300, within=60)  # mid-stream
+            await out.wait_for_count(300, within=60)  # mid-stream
         finally:
             first.kill()
         assert len(out.records) < total, "the router finished before it could be killed: send more"
@@ -331,10 +291,9 @@ async def test_router_killed_mid_batch_loses_nothing(env: Env, tmp_path: Path) -
         expected = {str(100000 + i) for i in range(total)}
 
         def seen() -> set[str]:
-            return {orjson.loads(v)["sentry_issue_id"] for t, _, v, _ in out.records if t != env.topics.dlq}
+            return {r.json()["sentry_issue_id"] for r in out.records if r.topic != env.topics.dlq}
 
         async def all_seen() -> bool:
-            await out.poll()
             return seen() >= expected
 
         try:
@@ -356,32 +315,28 @@ async def test_two_routers_share_the_partitions(env: Env, tmp_path: Path) -> Non
                 owned = []
                 for port in ports:
                     try:
-                        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                        n = await scrape(
+                            port, "blametrail_consumer_assigned_partitions", client, group=env.settings.router_group
+                        )
                     except httpx.TransportError:
                         return False
-                    owned.append(_sample(text, "blametrail_consumer_assigned_partitions", env.settings.router_group))
+                    owned.append(n)
                 return all(n >= 1 for n in owned) and sum(owned) == env.settings.topic_partitions
 
             await wait_until(both_assigned, within=60, what="both routers assigned")
             total = 600
             for i in range(total):
-                await send_raw(env, issue_body(EXAMPLE[i % 3][0], str(200000 + i)))
-            async with Outputs(env) as out:
-                await out.wait_for(total, within=60)
+                await send_raw(env, issue_body(str(200000 + i), project=EXAMPLE[i % 3][0]))
+            async with outputs(env) as out:
+                await out.wait_for_count(total, within=60)
             routed_by = []
             for port in ports:
-                text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-                routed_by.append(_sample(text, "blametrail_router_events_total", 'outcome="routed"'))
+                samples = await scrape_all(port, client)
+                routed_by.append(
+                    sum(v for (name, labels), v in samples.items()
+                        if name == "blametrail_router_events_total" and ("outcome", "routed") in labels)
+                )  # fmt: skip
         assert sum(routed_by) >= total and all(n > 0 for n in routed_by), routed_by
     finally:
         for p in procs:
             p.stop()
-
-
-def _sample(text: str, name: str, label: str) -> float:
-    """Sum of the samples of metric ``name`` whose labels contain ``label``."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and label in line.split("}")[0]:
-            total += float(line.split()[-1])
-    return total

@@ -21,7 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.db.models import AuditRecord, Incident, IncidentEvent, Organization, Service
 from shared.kafka import create_topics
 from shared.settings import Settings
-from tests.conftest import payloads_dir
 from tests.support import (
     PRODUCT_PAGE_EXAMPLE,
     ServiceProcess,
@@ -31,6 +30,7 @@ from tests.support import (
     signed_headers,
     wait_until,
 )
+from tests.support.sentry import issue_body, payloads_dir
 
 pytestmark = pytest.mark.integration
 
@@ -106,14 +106,6 @@ async def stack(topics: Settings, tmp_path_factory: pytest.TempPathFactory) -> A
         )
 
 
-def issue_body(project: str, issue_id: str, action: str = "created") -> bytes:
-    body: dict[str, Any] = json.loads((payloads_dir() / "issue.created.json").read_bytes())
-    body["action"] = action
-    body["data"]["issue"]["id"] = issue_id
-    body["data"]["issue"]["project"]["slug"] = project
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
 async def post(stack: Stack, body: bytes, resource: str = "issue") -> httpx.Response:
     return await stack.client.post(
         stack.webhook_url, content=body, headers=signed_headers(stack.secret, body, resource)
@@ -141,7 +133,7 @@ async def incidents_for(sessions: async_sessionmaker[AsyncSession], org: str, is
 async def test_mapped_project_becomes_incident_on_mapped_service(
     stack: Stack, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    response = await post(stack, issue_body("payments-api", "9000001"))
+    response = await post(stack, issue_body("9000001", project="payments-api"))
     assert response.status_code == 200, response.text
 
     records = await wait_until(
@@ -162,7 +154,7 @@ async def test_mapped_project_becomes_incident_on_mapped_service(
 async def test_unmapped_project_is_acknowledged_and_audited_without_incident(
     stack: Stack, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    response = await post(stack, issue_body("not-mapped-anywhere", "9000002"))
+    response = await post(stack, issue_body("9000002", project="not-mapped-anywhere"))
     assert response.status_code == 200, response.text
 
     records = await wait_until(
@@ -175,7 +167,7 @@ async def test_unmapped_project_is_acknowledged_and_audited_without_incident(
 async def test_disabled_mapping_is_acknowledged_and_audited_without_incident(
     stack: Stack, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    response = await post(stack, issue_body("internal-tools", "9000003"))
+    response = await post(stack, issue_body("9000003", project="internal-tools"))
     assert response.status_code == 200, response.text
 
     records = await wait_until(
@@ -187,7 +179,7 @@ async def test_disabled_mapping_is_acknowledged_and_audited_without_incident(
 
 
 async def test_rejections_are_defined_answers(stack: Stack) -> None:
-    body = issue_body("frontend", "9000004")
+    body = issue_body("9000004", project="frontend")
     bad_sig = await stack.client.post(
         stack.webhook_url,
         content=body,
@@ -324,7 +316,7 @@ async def test_issue_lifecycle_resolves_and_reopens_its_incident(
 ) -> None:
     issue = "9100002"
     for action, status in [("created", "open"), ("resolved", "resolved"), ("unresolved", "open")]:
-        response = await post(stack, issue_body("email-worker", issue, action))
+        response = await post(stack, issue_body(issue, project="email-worker", action=action))
         assert response.status_code == 200, response.text
 
         async def reached(status: str = status) -> list[Incident] | None:

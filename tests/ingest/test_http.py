@@ -18,9 +18,11 @@ from shared.orgs import NewOrg, disable_legacy_plugin, enable_legacy_plugin, rot
 from shared.sentry import LEGACY, parse_webhook, partition_key
 from shared.settings import Settings
 from shared.topics import Topics
-from tests.conftest import payloads_dir
-from tests.ingest_support import RawTopicReader, metric, new_org, start_ingest
 from tests.support import ServiceProcess, free_port, settings_env, signed_headers, wait_until
+from tests.support.ingest import new_org, start_ingest
+from tests.support.kafka import TopicReader
+from tests.support.metrics import scrape
+from tests.support.sentry import payloads_dir
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +36,7 @@ class Ingest:
     port: int
     base: str
     client: httpx.AsyncClient
-    raw: RawTopicReader
+    raw: TopicReader
     process: ServiceProcess
     sessions: async_sessionmaker[AsyncSession]
 
@@ -52,8 +54,8 @@ class Ingest:
         return await self.client.post(self.url(org.org), content=body, headers=headers)
 
     async def requests(self, resource: str, outcome: str) -> float:
-        return await metric(
-            self.client, self.port, "blametrail_ingest_requests_total", outcome=outcome, resource=resource
+        return await scrape(
+            self.port, "blametrail_ingest_requests_total", self.client, outcome=outcome, resource=resource
         )
 
 
@@ -72,7 +74,7 @@ async def ingest(
         }
     )
     client = httpx.AsyncClient(timeout=5.0)
-    raw = RawTopicReader(settings.kafka_bootstrap, Topics.from_settings(settings).raw, settings.topic_partitions)
+    raw = TopicReader(settings.kafka_bootstrap, [Topics.from_settings(settings).raw])
     await raw.start()
     process = await start_ingest(settings_env(settings), tmp_path_factory.mktemp("ingest"), port, client)
     try:
@@ -121,7 +123,9 @@ async def test_every_corpus_payload_is_published_byte_for_byte(ingest: Ingest) -
         body = path.read_bytes()
         assert record.value == body, path
         assert record.key == partition_key(org.org, parse_webhook(resource, json.loads(body))).encode()
-        assert record.partition == partition_for(record.key, ingest.raw.partitions)  # the drainer's partitioner agrees
+        assert record.partition == partition_for(
+            record.key, range(ingest.settings.topic_partitions)
+        )  # the drainer's partitioner agrees
         h = record.headers
         assert (h["org"], h["resource"], h["delivery_id"], h["ingest_version"]) == (org.org, resource, delivery, "1")
         assert h["content_type"] == "application/json"
@@ -294,4 +298,4 @@ async def test_health_readiness_and_metrics(ingest: Ingest) -> None:
         "blametrail_ingest_producer_restarts_total",
     ):
         assert name in text, name
-    assert await metric(ingest.client, ingest.port, "blametrail_ingest_spool_depth") == 0
+    assert await scrape(ingest.port, "blametrail_ingest_spool_depth") == 0

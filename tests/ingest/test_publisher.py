@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, OutOfOrderSequenceNumber
-from prometheus_client import REGISTRY
 
 from ingest import publisher as publisher_module
 from ingest.publisher import Outcome, Producer, Publisher, RecordBatch, Unavailable, partition_for
 from ingest.spool import AsyncSpool, SpooledMessage, spooled_rows
 from tests.support import wait_until
+from tests.support.metrics import local as counter
 
 TOPIC = "t.raw"
 PARTITIONS = [0, 1, 2]
@@ -361,7 +361,3 @@ async def test_a_producer_without_progress_while_kafka_is_reachable_is_recreated
 
 async def _async(value: bool) -> bool:
     return value
-
-
-def counter(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
