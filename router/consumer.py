@@ -1,29 +1,27 @@
 """The router: sentry.webhooks.raw → sentry.events.routed | sentry.events.ignored | sentry.webhooks.dlq.
 
-Chain per batch: decode → classify (``shared.sentry``) → resolve (``router.routing`` over the
-mapping cache) → produce → wait for every acknowledgement → commit offset + 1. Offsets are
-committed only for records whose outputs the broker acknowledged; a crash replays the batch and the
-writer's idempotency absorbs the duplicates.
+Per record: decode → classify (``shared.sentry``) → resolve (``router.routing`` over the mapping
+cache) → produce; per batch, the runtime (``shared.consumer``) commits offset + 1 once every output
+was acknowledged. A crash replays the batch and the writer's idempotency absorbs the duplicates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from datetime import datetime
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from router.cache import MappingCache
 from router.routing import route
 from shared import events, metrics
+from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Step
 from shared.db.session import create_engine, libpq_url, sessionmaker
-from shared.kafka import Headers, dead_letter_headers, header_map, make_consumer, make_producer
-from shared.runtime import DeadLetterBudget, RebalanceGuard, record_lag
+from shared.kafka import Headers, header_map, make_consumer, make_producer
 from shared.sentry import parse_webhook
 from shared.settings import Settings
 from shared.topics import Topics
@@ -101,73 +99,65 @@ def route_record(record: ConsumerRecord, cache: MappingCache, topics: Topics) ->
     return outputs
 
 
-def dead_letter(record: ConsumerRecord, error: str, stage: str, topics: Topics) -> Output:
-    headers = dead_letter_headers(
-        record.headers, error=error, stage=stage, topic=record.topic, partition=record.partition, offset=record.offset
-    )
-    return Output(topics.dlq, record.key, record.value or b"", headers)
+class RouterStep(Step):
+    """Routes each raw record, produces its outputs and waits for every acknowledgement.
+
+    Only a record that cannot be read at all (:class:`Undecodable`) is dead-lettered; any other
+    exception is a bug and stops the router (see :mod:`shared.consumer`).
+    """
+
+    name = "router"
+
+    def __init__(self, cache: MappingCache, topics: Topics, producer: AIOKafkaProducer) -> None:
+        self.cache = cache
+        self.topics = topics
+        self.producer = producer
+
+    async def process(self, batch: Batch) -> list[DeadLetter]:
+        sends = []
+        dead = []
+        for record in batch:
+            try:
+                outputs = route_record(record, self.cache, self.topics)
+            except Undecodable as exc:
+                dead.append(DeadLetter(record, str(exc), "router.decode"))
+                continue
+            for out in outputs:
+                sends.append(await self.producer.send(out.topic, value=out.value, key=out.key, headers=out.headers))
+        await asyncio.gather(*sends)
+        metrics.MAPPING_CACHE_AGE.set(self.cache.age_seconds)
+        return dead
 
 
 class Router:
+    """The router service: the mapping cache, and the consumer runtime over :class:`RouterStep`."""
+
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
         self.topics = Topics.from_settings(settings)
-        self.group = settings.router_group
         self._engine = create_engine(settings, pool_size=2)
         self.cache = MappingCache(sessionmaker(self._engine), libpq_url(settings), settings.mapping_refresh_seconds)
-        self.consumer: AIOKafkaConsumer = make_consumer(settings, group_id=self.group, client_id="blametrail-router")
-        self.producer: AIOKafkaProducer = make_producer(settings, client_id="blametrail-router")
-        self.guard = RebalanceGuard(self.group)
-        self.dead_letters = DeadLetterBudget(settings.router_dlq_max_ratio, settings.router_dlq_window)
+        producer = make_producer(settings, client_id="blametrail-router")
+        config = ConsumerConfig(
+            group=settings.router_group,
+            topics=(self.topics.raw,),
+            dlq_topic=self.topics.dlq,
+            batch_max=settings.consumer_batch_max,
+            batch_timeout_ms=settings.consumer_batch_timeout_ms,
+            revoke_wait_seconds=settings.consumer_revoke_wait_seconds,
+            dlq_max_ratio=settings.router_dlq_max_ratio,
+            dlq_window=settings.router_dlq_window,
+        )
+        consumer = make_consumer(settings, group_id=config.group, client_id="blametrail-router")
+        self.runtime = ConsumerRuntime(config, RouterStep(self.cache, self.topics, producer), consumer, producer)
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        return self.runtime.consumer
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.cache.start()
-        await self.producer.start()
-        self.consumer.subscribe([self.topics.raw], listener=self.guard)
-        await self.consumer.start()
-        log.info("router consuming %s", self.topics.raw)
         try:
-            while not stop.is_set():
-                batch = await self.consumer.getmany(
-                    timeout_ms=self.settings.consumer_batch_timeout_ms,
-                    max_records=self.settings.consumer_batch_max,
-                )
-                if batch:
-                    async with self.guard.batch():
-                        await self.handle_batch(batch)
+            await self.runtime.run(stop)
         finally:
-            await self.consumer.stop()
-            await self.producer.stop()
             await self.cache.stop()
             await self._engine.dispose()
-
-    async def handle_batch(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        sends = []
-        offsets: dict[TopicPartition, int] = {}
-        count = 0
-        now_ms = time.time() * 1000
-        for tp, records in batch.items():
-            for record in records:
-                count += 1
-                try:
-                    outputs = route_record(record, self.cache, self.topics)
-                    self.dead_letters.record(dead=False)
-                except Exception as exc:  # one bad record must not stop the partition
-                    stage = "router.decode" if isinstance(exc, Undecodable) else "router.route"
-                    log.warning("dead-lettering %s[%d]@%d (%s): %r", tp.topic, tp.partition, record.offset, stage, exc)
-                    self.dead_letters.record(dead=True)
-                    metrics.DLQ_MESSAGES.labels(stage="router").inc()
-                    outputs = [dead_letter(record, str(exc), stage, self.topics)]
-                for out in outputs:
-                    sends.append(await self.producer.send(out.topic, value=out.value, key=out.key, headers=out.headers))
-                metrics.CONSUMER_PROCESSING_SECONDS.labels(group=self.group).observe(
-                    max(0.0, (now_ms - record.timestamp) / 1000)
-                )
-            offsets[tp] = records[-1].offset + 1
-        # Commit only once the broker acknowledged every output of the batch.
-        await asyncio.gather(*sends)
-        await self.consumer.commit(offsets)
-        metrics.CONSUMER_BATCH_SIZE.labels(group=self.group).observe(count)
-        metrics.CONSUMER_COMMITS.labels(group=self.group).inc()
-        record_lag(self.consumer, self.group, offsets)
-        metrics.MAPPING_CACHE_AGE.set(self.cache.age_seconds)

@@ -32,14 +32,15 @@ def make_producer(settings: Settings, *, client_id: str, linger_ms: int = 5) -> 
 
 
 def make_consumer(settings: Settings, *, group_id: str, client_id: str, topics: Sequence[str] = ()) -> AIOKafkaConsumer:
-    """Manual commits only; a new group starts at the earliest offset so nothing is skipped."""
+    """Manual commits only. No automatic offset reset: :class:`shared.consumer.ConsumerRuntime` starts a
+    new group at the earliest offset and fails loudly on an out-of-range one."""
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=group_id,
         client_id=client_id,
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        auto_offset_reset="none",
         max_partition_fetch_bytes=settings.kafka_max_message_bytes,
         fetch_max_bytes=max(52428800, settings.kafka_max_message_bytes),
         isolation_level="read_committed",

@@ -81,14 +81,16 @@ WRITER_DATABASE_UP = Gauge(
 WRITER_RETRIES = Counter(
     "blametrail_writer_retries_total", "Failed batch write attempts that will be retried, by reason", ["reason"]
 )
-WRITER_ABANDONED_BATCHES = Counter(
-    "blametrail_writer_abandoned_batches_total", "In-flight batches given up at a rebalance (redelivered, not lost)"
-)
 WRITER_TIMELINE_EVENTS = Counter("blametrail_writer_timeline_events_total", "Entries added to incident timelines")
 
 # Consumers (router and writer), labelled by consumer group name (a small fixed set)
 CONSUMER_BATCH_SIZE = Histogram(
     "blametrail_consumer_batch_size", "Records per consumed batch", ["group"], buckets=BATCH_BUCKETS
+)
+CONSUMER_ABANDONED_BATCHES = Counter(
+    "blametrail_consumer_abandoned_batches_total",
+    "In-flight batches given up at a rebalance (redelivered, not lost)",
+    ["group"],
 )
 CONSUMER_COMMITS = Counter("blametrail_consumer_commits_total", "Offset commits", ["group"])
 CONSUMER_REBALANCES = Counter(

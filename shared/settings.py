@@ -55,9 +55,6 @@ class Settings(BaseSettings):
     writer_retry_max_seconds: float = Field(default=5.0, gt=0)
     # One attempt at a batch (its transaction, or the bisection of a poisoned batch) gives up after this.
     writer_write_timeout_seconds: float = Field(default=60.0, gt=0)
-    # At a rebalance, how long to let the in-flight batch commit before abandoning it (it is then
-    # redelivered). Keep it well below the group's rebalance timeout (aiokafka: the 10 s session timeout).
-    writer_revoke_wait_seconds: float = Field(default=3.0, ge=0)
     # Stop loudly when more than this share of the last writer_dlq_window records went to the DLQ.
     writer_dlq_max_ratio: float = Field(default=0.1, gt=0, le=1)
     writer_dlq_window: int = Field(default=1000, ge=10)
@@ -65,6 +62,9 @@ class Settings(BaseSettings):
     # Consumers
     consumer_batch_max: int = Field(default=500, ge=1)
     consumer_batch_timeout_ms: int = Field(default=200, ge=1)
+    # At a rebalance, how long to let the in-flight batch commit before abandoning it (it is then
+    # redelivered). Keep it well below the group's rebalance timeout (aiokafka: the 10 s session timeout).
+    consumer_revoke_wait_seconds: float = Field(default=3.0, ge=0)
 
     # Admin
     admin_host: str = "127.0.0.1"

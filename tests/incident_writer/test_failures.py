@@ -9,15 +9,13 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from aiokafka import TopicPartition
-from aiokafka.structs import ConsumerRecord
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from incident_writer.consumer import IncidentWriter, _InFlight
+from incident_writer.consumer import IncidentWriter
+from shared.consumer import DeadLetterLimitExceeded
 from shared.db.models import Service
 from shared.events import RawRef
 from shared.mappings import create_service, delete_service
-from shared.runtime import DeadLetterLimitExceeded
 from shared.settings import Settings
 from shared.topics import Topics
 from tests.support.writer import (
@@ -137,31 +135,3 @@ async def test_times_without_a_zone_are_read_as_utc(
     [incident] = await incidents(sessions, org.org_id)
     assert incident.event_count == 2
     assert incident.first_seen_at == aware.occurred_at and incident.last_seen_at == later
-
-
-def _record(offset: int) -> ConsumerRecord:
-    return ConsumerRecord("t", 0, offset, 0, 0, b"k", b"{}", None, 1, 2, [])
-
-
-async def test_rebalance_lets_the_batch_in_flight_finish_or_abandons_it(migrated: Settings) -> None:
-    writer = IncidentWriter(migrated.model_copy(update={"writer_revoke_wait_seconds": 0.3}))
-    tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
-    try:
-        finishing = _InFlight({tp: [_record(4), _record(5)]})
-        assert finishing.offsets == {tp: 6}
-        writer._inflight = finishing
-        asyncio.get_running_loop().call_later(0.05, finishing.done.set)
-        await asyncio.wait_for(writer.settle({tp}), 5)
-        assert finishing.done.is_set() and not finishing.abandoned
-
-        stuck = _InFlight({tp: [_record(7)]})
-        writer._inflight = stuck
-        await asyncio.wait_for(writer.settle({other}), 5)  # not its partitions: no wait
-        assert not stuck.abandoned
-        started = asyncio.get_running_loop().time()
-        await asyncio.wait_for(writer.settle({tp, other}), 5)
-        assert stuck.abandoned
-        assert asyncio.get_running_loop().time() - started >= 0.3
-    finally:
-        await writer.consumer.stop()
-        await writer.producer.stop()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from incident_writer.consumer import IncidentWriter, Records
+from incident_writer.consumer import IncidentWriter
+from shared.consumer import Batch, DeadLetter
 from shared.events import Reason, RoutedEvent
 from shared.settings import Settings
 from tests.support.writer import (
@@ -283,6 +283,10 @@ class BatchCountingWriter(IncidentWriter):
         super().__init__(settings)
         self.batches: list[int] = []
 
-    async def handle_batch(self, batch: Records, stop: asyncio.Event) -> None:
-        self.batches.append(sum(len(records) for records in batch.values()))
-        await super().handle_batch(batch, stop)
+        process = self.runtime.step.process
+
+        async def counting(batch: Batch) -> Sequence[DeadLetter]:
+            self.batches.append(len(batch))
+            return await process(batch)
+
+        self.runtime.step.process = counting  # type: ignore[method-assign]

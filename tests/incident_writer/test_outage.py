@@ -196,7 +196,9 @@ async def test_postgres_outage_pauses_the_writer_and_it_resumes_with_exact_count
 
         async def rebalanced() -> bool:
             assert first.alive() and second.alive(), first.output() + second.output()
-            abandoned = await scrape(ports[0], "blametrail_writer_abandoned_batches_total")
+            abandoned = await scrape(
+                ports[0], "blametrail_consumer_abandoned_batches_total", group=settings.writer_group
+            )
             return abandoned >= 1 and await group_members(settings, settings.writer_group) == ("Stable", 2)
 
         await wait_until(rebalanced, within=30, what="a rebalance that abandons the stuck batch")

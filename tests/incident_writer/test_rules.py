@@ -16,6 +16,7 @@ from incident_writer.consumer import decode, retry_reason
 from incident_writer.incidents import Change, IncidentAction, IncidentState, Touch, apply
 from incident_writer.isolate import Poison, write_isolating
 from incident_writer.store import ConcurrentIncident, poison_reason
+from shared.consumer import Batch
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 OCC, RES, REOPEN, ATTACH = (
@@ -220,7 +221,7 @@ def test_decode_keeps_stream_order_and_names_what_is_wrong() -> None:
         b'"outcome":"routed","service_id":1,"mapping_id":2}'
     )
     batch = {TopicPartition("t", 0): [record(good, 0), record(b"{not json", 1), record(None, 2), record(good, 3)]}
-    items, invalid = decode(batch)
+    items, invalid = decode(Batch(batch))
     assert [i.record.offset for i in items] == [0, 3]
     assert [r.offset for r, _ in invalid] == [1, 2]
     assert all(error.startswith("invalid event: ") for _, error in invalid)

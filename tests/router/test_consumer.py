@@ -14,11 +14,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from router.consumer import Router
 from shared import events
+from shared.consumer import OffsetOutOfRange
 from shared.kafka import create_topics
 from shared.mappings import add_mapping, create_service, delete_mapping, edit_mapping
 from shared.orgs import create_org
@@ -340,3 +341,20 @@ async def test_two_routers_share_the_partitions(env: Env, tmp_path: Path) -> Non
     finally:
         for p in procs:
             p.stop()
+
+
+async def test_an_out_of_range_committed_offset_stops_the_router_loudly(env: Env) -> None:
+    """Records past the committed offset are gone (retention, a recreated topic): never rewind silently."""
+    await send_raw(env, issue_body("1", project="frontend"))
+    committer = AIOKafkaConsumer(
+        bootstrap_servers=env.settings.kafka_bootstrap, group_id=env.settings.router_group, enable_auto_commit=False
+    )
+    await committer.start()
+    try:
+        parts = [TopicPartition(env.topics.raw, p) for p in range(env.settings.topic_partitions)]
+        committer.assign(parts)
+        await committer.commit({tp: 10**9 for tp in parts})
+    finally:
+        await committer.stop()
+    with pytest.raises(OffsetOutOfRange, match="reset-offsets"):
+        await asyncio.wait_for(Router(env.settings).run(asyncio.Event()), 60)

@@ -1,0 +1,343 @@
+"""One consumer runtime for the router and the incident writer (the shape of Sentry's arroyo).
+
+Per batch, in this order, always::
+
+    poll (getmany, at most ``batch_max`` records) → step.process(batch) → dead letters produced
+    and acknowledged → commit offset + 1 → metrics (batch size, processing delay, commits, lag)
+
+A service is a :class:`Step`: ``process(batch)`` does the batch's side effect (the router produces
+and waits for every acknowledgement; the writer commits one transaction) and returns the records
+that can never be processed, as :class:`DeadLetter` values. When it returns, the effect is
+durable; only then does the runtime commit. What a step may raise:
+
+- :class:`Retry` — the batch failed because of something outside it (the database is down, a
+  conflict with another writer). The runtime pauses every assigned partition, keeps polling (so the
+  group keeps this member and its partitions), and retries the same batch with exponential backoff
+  until it succeeds, the consumer is stopped, or the batch is abandoned at a rebalance.
+- anything else — a bug. It propagates: the consumer stops loudly with the batch uncommitted, and
+  the records come again after the fix. Bugs are never dead-lettered.
+
+Dead letters keep the record's bytes and headers and add ``error``, ``stage`` and the original
+topic, partition and offset (:func:`shared.kafka.dead_letter_headers`). Past a budget (more than
+``dlq_max_ratio`` of the last ``dlq_window`` records) the runtime raises
+:class:`DeadLetterLimitExceeded` before producing them: a bad deploy must not empty a topic into
+the DLQ.
+
+Rebalances: before partitions are revoked, the in-flight batch gets ``revoke_wait_seconds`` to
+finish and commit; past that it is abandoned — no more retries, no commit — and the partitions'
+next owner gets its records again (the steps are idempotent). Stop (SIGTERM): the batch in hand
+is finished, unless it is waiting for a retry; then it is left uncommitted for the next run.
+
+Offsets: a new group starts at the earliest offset. A committed offset that is out of range (the
+topic was truncated by retention past it, or recreated) raises :class:`OffsetOutOfRange` instead
+of silently rewinding or skipping: an operator decides (``kafka-consumer-groups --reset-offsets``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, NoOffsetForPartitionError, OffsetOutOfRangeError
+from aiokafka.structs import ConsumerRecord
+
+from shared import metrics
+from shared.kafka import dead_letter_headers
+
+log = logging.getLogger("blametrail.consumer")
+
+Records = dict[TopicPartition, list[ConsumerRecord]]
+
+
+class Batch:
+    """Records of one poll, per partition in offset order; iterates them in that order."""
+
+    def __init__(self, records: Records) -> None:
+        self.records = records
+        self.partitions = set(records)
+        self.offsets = {tp: rs[-1].offset + 1 for tp, rs in records.items() if rs}
+
+    def __iter__(self) -> Iterator[ConsumerRecord]:
+        for records in self.records.values():
+            yield from records
+
+    def __len__(self) -> int:
+        return sum(len(records) for records in self.records.values())
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A record that can never be processed, why (``error``) and where it failed (``stage``)."""
+
+    record: ConsumerRecord
+    error: str
+    stage: str
+
+
+class Retry(Exception):
+    """The batch could not be applied for a reason outside it; ``reason`` labels the metric."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class DeadLetterLimitExceeded(RuntimeError):
+    """Too many records dead-lettered recently: stop instead of dead-lettering a whole topic."""
+
+
+class OffsetOutOfRange(RuntimeError):
+    """A committed offset no longer exists in its partition; an operator must decide where to resume."""
+
+
+class Step:
+    """What a consumer does with a batch; see the module docstring for the contract."""
+
+    #: the ``stage`` label of ``blametrail_dlq_messages_total`` for this step's dead letters
+    name = "consumer"
+
+    async def process(self, batch: Batch) -> Sequence[DeadLetter]:
+        raise NotImplementedError
+
+    def retrying(self, failure: Retry, delay: float) -> None:
+        """Called when an attempt raised :class:`Retry`, before waiting ``delay`` seconds."""
+
+    def recovered(self) -> None:
+        """Called when an attempt succeeds after one or more retries."""
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    group: str
+    topics: tuple[str, ...]
+    dlq_topic: str
+    batch_max: int
+    batch_timeout_ms: int
+    revoke_wait_seconds: float
+    dlq_max_ratio: float
+    dlq_window: int
+    retry_initial_seconds: float = 0.2
+    retry_max_seconds: float = 5.0
+
+
+class DeadLetterBudget:
+    """Allows at most ``max_ratio`` of the last ``window`` records to be dead-lettered."""
+
+    def __init__(self, max_ratio: float, window: int) -> None:
+        self._limit = max(1, int(max_ratio * window))
+        self._recent: collections.deque[bool] = collections.deque(maxlen=window)
+        self._dead = 0
+
+    def record(self, dead: bool) -> None:
+        if len(self._recent) == self._recent.maxlen and self._recent[0]:
+            self._dead -= 1
+        self._recent.append(dead)
+        self._dead += dead
+        if self._dead > self._limit:
+            raise DeadLetterLimitExceeded(
+                f"{self._dead} of the last {len(self._recent)} records were dead-lettered "
+                f"(limit {self._limit}): stopping; fix the cause, then restart"
+            )
+
+    def record_batch(self, total: int, dead: int) -> None:
+        for n in range(total):
+            self.record(dead=n < dead)
+
+
+class _InFlight:
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.abandoned = False
+        self.done = asyncio.Event()
+
+
+class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs ``step`` over ``config.topics`` in ``config.group``; ``run(stop)`` returns once ``stop`` is set.
+
+    The consumer and the producer (used for dead letters, and shared with the step) are owned by
+    the runtime: ``run`` starts and stops them.
+    """
+
+    def __init__(
+        self, config: ConsumerConfig, step: Step, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
+    ) -> None:
+        self.config = config
+        self.step = step
+        self.consumer = consumer
+        self.producer = producer
+        self._budget = DeadLetterBudget(config.dlq_max_ratio, config.dlq_window)
+        self._inflight: _InFlight | None = None
+        self._paused = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.producer.start()
+        try:
+            self.consumer.subscribe(list(self.config.topics), listener=self)
+            await self.consumer.start()
+            log.info("%s consuming %s", self.config.group, ", ".join(self.config.topics))
+            try:
+                while not stop.is_set():
+                    records = await self._poll(self.config.batch_timeout_ms, self.config.batch_max)
+                    if records:
+                        await self._handle(Batch(records), stop)
+            finally:
+                await self.consumer.stop()
+        finally:
+            await self.producer.stop()
+
+    async def _poll(self, timeout_ms: int, max_records: int | None = None) -> Records:
+        try:
+            records: Records = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            return records
+        except NoOffsetForPartitionError as exc:
+            # A partition this group never committed: start at its beginning, so nothing is skipped.
+            for tp in exc.args:
+                if isinstance(tp, TopicPartition):
+                    await self.consumer.seek_to_beginning(tp)
+            return {}
+        except OffsetOutOfRangeError as exc:
+            raise OffsetOutOfRange(
+                f"group {self.config.group}: committed offsets out of range {exc.args}; the records there are "
+                "gone (retention) or the topic was recreated. Choose where to resume with "
+                "`kafka-consumer-groups --reset-offsets`, then restart"
+            ) from exc
+
+    async def _handle(self, batch: Batch, stop: asyncio.Event) -> None:
+        inflight = _InFlight(batch)
+        self._inflight = inflight
+        try:
+            dead = await self._process(inflight, stop)
+            if dead is None or inflight.abandoned:
+                self._resume()
+                return
+            try:
+                self._budget.record_batch(len(batch), len(dead))
+            except DeadLetterLimitExceeded:
+                log.error("too many dead letters (last: %s); stopping with the batch uncommitted", dead[-1].error)
+                raise
+            for letter in dead:
+                await self._dead_letter(letter)
+            self._observe(batch)
+            if inflight.abandoned:
+                return
+            try:
+                await self.consumer.commit(batch.offsets)
+            except (CommitFailedError, IllegalStateError) as exc:
+                log.warning("batch done but offsets not committed (%s): it will come again, as duplicates", exc)
+                return
+            metrics.CONSUMER_COMMITS.labels(group=self.config.group).inc()
+            self._record_lag(batch.offsets)
+        finally:
+            self._inflight = None
+            inflight.done.set()
+
+    async def _process(self, inflight: _InFlight, stop: asyncio.Event) -> list[DeadLetter] | None:
+        """The step's dead letters once an attempt succeeded; None when stopped or abandoned first."""
+        delay = self.config.retry_initial_seconds
+        retried = False
+        while True:
+            try:
+                dead = list(await self.step.process(inflight.batch))
+            except Retry as failure:
+                if not (stop.is_set() or inflight.abandoned):
+                    retried = True
+                    self.step.retrying(failure, delay)
+                    self._paused = True
+                    self._pause_assigned()
+                    await self._wait_paused(delay, inflight, stop)
+                if stop.is_set() or inflight.abandoned:
+                    why = "stopping" if stop.is_set() else "abandoned at a rebalance"
+                    log.warning("batch of %d left uncommitted (%s): it will be redelivered", len(inflight.batch), why)
+                    return None
+                delay = min(delay * 2, self.config.retry_max_seconds)
+                continue
+            if retried:
+                self.step.recovered()
+            self._resume()
+            return dead
+
+    async def _wait_paused(self, seconds: float, inflight: _InFlight, stop: asyncio.Event) -> None:
+        """Wait ``seconds`` while polling with every partition paused: heartbeats and the poll
+        interval stay satisfied, so the group keeps this member and its partitions."""
+        deadline = time.monotonic() + seconds
+        while not (stop.is_set() or inflight.abandoned):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._pause_assigned()
+            fetched = await self._poll(max(1, int(min(remaining, 0.5) * 1000)))
+            for tp, records in fetched.items():
+                # Only partitions assigned since the pause can return records: put them back.
+                self.consumer.seek(tp, records[0].offset)
+
+    def _pause_assigned(self) -> None:
+        assignment = self.consumer.assignment()
+        if assignment:
+            self.consumer.pause(*assignment)
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            assignment = self.consumer.assignment()
+            if assignment:
+                self.consumer.resume(*assignment)
+
+    async def _dead_letter(self, letter: DeadLetter) -> None:
+        record = letter.record
+        log.warning("dead-lettering %s[%d]@%d (%s): %s", record.topic, record.partition, record.offset, letter.stage,
+                    letter.error)  # fmt: skip
+        headers = dead_letter_headers(
+            record.headers,
+            error=letter.error,
+            stage=letter.stage,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        await self.producer.send_and_wait(
+            self.config.dlq_topic, value=record.value or b"", key=record.key, headers=headers
+        )
+        metrics.DLQ_MESSAGES.labels(stage=self.step.name).inc()
+
+    def _observe(self, batch: Batch) -> None:
+        group = self.config.group
+        metrics.CONSUMER_BATCH_SIZE.labels(group=group).observe(len(batch))
+        now_ms = time.time() * 1000
+        processing = metrics.CONSUMER_PROCESSING_SECONDS.labels(group=group)
+        for record in batch:
+            processing.observe(max(0.0, (now_ms - record.timestamp) / 1000))
+
+    def _record_lag(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, next_offset in offsets.items():
+            end = self.consumer.highwater(tp)
+            if end is not None:
+                metrics.CONSUMER_LAG.labels(group=self.config.group, topic=tp.topic, partition=str(tp.partition)).set(
+                    max(0, end - next_offset)
+                )
+
+    # ConsumerRebalanceListener: aiokafka calls these from its coordinator task, maybe mid-batch.
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        metrics.CONSUMER_REBALANCES.labels(group=self.config.group, kind="revoked").inc()
+        inflight = self._inflight
+        if inflight is None or not inflight.batch.partitions & revoked:
+            return
+        try:
+            await asyncio.wait_for(inflight.done.wait(), self.config.revoke_wait_seconds)
+        except TimeoutError:
+            inflight.abandoned = True
+            metrics.CONSUMER_ABANDONED_BATCHES.labels(group=self.config.group).inc()
+            log.warning("rebalance: abandoning the in-flight batch (not committed; it will be redelivered)")
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        metrics.CONSUMER_REBALANCES.labels(group=self.config.group, kind="assigned").inc()
+        metrics.CONSUMER_ASSIGNED_PARTITIONS.labels(group=self.config.group).set(len(assigned))
+        if self._paused and assigned:
+            self.consumer.pause(*assigned)  # new partitions stay paused while retrying
