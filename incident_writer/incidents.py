@@ -13,6 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from shared import sentry
+from shared.db.models import IncidentStatus
 
 
 class IncidentAction(StrEnum):
@@ -32,8 +33,8 @@ class Change(StrEnum):
     ATTACHED = "attached"  # on the timeline, state unchanged (comment, assignment, repeated resolve, …)
 
 
-OPEN = "open"
-RESOLVED = "resolved"
+OPEN = IncidentStatus.OPEN
+RESOLVED = IncidentStatus.RESOLVED
 
 _OCCURRENCES = {
     (sentry.ISSUE, "created"),

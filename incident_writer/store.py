@@ -208,9 +208,20 @@ def _touch(event: RoutedEvent) -> Touch:
     )
 
 
+# Organization slug → id. An org's id never changes (orgs are not renamed or re-created), so ids
+# found once are kept for the life of the process; only slugs not seen yet cost a query.
+_ORG_IDS: dict[str, int] = {}
+_ORG_IDS_MAX = 100_000
+
+
 async def _org_ids(session: AsyncSession, slugs: set[str]) -> dict[str, int]:
-    rows = await session.execute(select(Organization.slug, Organization.id).where(Organization.slug.in_(slugs)))
-    return {slug: org_id for slug, org_id in rows}
+    missing = slugs - _ORG_IDS.keys()
+    if missing:
+        rows = await session.execute(select(Organization.slug, Organization.id).where(Organization.slug.in_(missing)))
+        if len(_ORG_IDS) > _ORG_IDS_MAX:
+            _ORG_IDS.clear()
+        _ORG_IDS.update({slug: org_id for slug, org_id in rows})
+    return {slug: _ORG_IDS[slug] for slug in slugs if slug in _ORG_IDS}
 
 
 async def _lock_incidents(session: AsyncSession, keys: Sequence[IncidentKey]) -> dict[IncidentKey, _Locked]:
@@ -260,49 +271,44 @@ def _audit_sort_key(row: dict[str, object]) -> tuple[str, str]:
     return (str(row["delivery_id"]), str(row["project_slug"] or ""))
 
 
-_AUDIT_COLUMNS = (
+# Audit columns copied from the event under the same name, then the whole column list.
+_AUDIT_FROM_EVENT = (
     "delivery_id",
     "project_slug",
-    "org_id",
-    "org_slug",
     "resource",
     "action",
     "outcome",
-    "reason",
     "service_id",
     "mapping_id",
     "sentry_issue_id",
     "title",
     "received_at",
-    "raw_topic",
-    "raw_partition",
-    "raw_offset",
-    "incident_id",
 )
+_AUDIT_COLUMNS = (*_AUDIT_FROM_EVENT, "org_id", "org_slug", "reason", "raw_topic", "raw_partition", "raw_offset",
+                  "incident_id")  # fmt: skip
+
+
+def _event_row(event: OutputEvent, names: tuple[str, ...], **columns: object) -> dict[str, object]:
+    """A row of ``event``'s attributes ``names`` plus ``columns``."""
+    row = {name: getattr(event, name) for name in names}
+    row.update(columns)
+    return row
 
 
 def _audit_row(event: OutputEvent, org_id: int | None, existing: dict[IncidentKey, _Locked]) -> dict[str, object]:
     routed_key = event.incident_key if isinstance(event, RoutedEvent) else None
     locked = existing.get((event.service_id or 0, routed_key)) if routed_key else None
-    return {
-        "delivery_id": event.delivery_id,
-        "project_slug": event.project_slug,
-        "org_id": org_id,
-        "org_slug": event.org,
-        "resource": event.resource,
-        "action": event.action,
-        "outcome": event.outcome,
-        "reason": event.reason.value if isinstance(event, IgnoredEvent) else None,
-        "service_id": event.service_id,
-        "mapping_id": event.mapping_id,
-        "sentry_issue_id": event.sentry_issue_id,
-        "title": event.title,
-        "received_at": event.received_at,
-        "raw_topic": event.raw.topic,
-        "raw_partition": event.raw.partition,
-        "raw_offset": event.raw.offset,
-        "incident_id": locked.id if locked else None,
-    }
+    return _event_row(
+        event,
+        _AUDIT_FROM_EVENT,
+        org_id=org_id,
+        org_slug=event.org,
+        reason=event.reason.value if isinstance(event, IgnoredEvent) else None,
+        raw_topic=event.raw.topic,
+        raw_partition=event.raw.partition,
+        raw_offset=event.raw.offset,
+        incident_id=locked.id if locked else None,
+    )
 
 
 _STATE_COLUMNS = (
@@ -469,32 +475,19 @@ def _state_values(state: IncidentState) -> dict[str, object]:
     return {c.name: getattr(state, c.name) for c in _STATE_COLUMNS}
 
 
-_TIMELINE_COLUMNS = (
-    "incident_id",
+_TIMELINE_FROM_EVENT = (
     "delivery_id",
     "project_slug",
     "resource",
     "action",
-    "change",
     "title",
     "level",
     "event_id",
     "occurred_at",
     "received_at",
 )
+_TIMELINE_COLUMNS = ("incident_id", "change", *_TIMELINE_FROM_EVENT)
 
 
 def _timeline_row(incident_id: int, event: RoutedEvent, change: Change) -> dict[str, object]:
-    return {
-        "incident_id": incident_id,
-        "delivery_id": event.delivery_id,
-        "project_slug": event.project_slug,
-        "resource": event.resource,
-        "action": event.action,
-        "change": change.value,
-        "title": event.title,
-        "level": event.level,
-        "event_id": event.event_id,
-        "occurred_at": event.occurred_at,
-        "received_at": event.received_at,
-    }
+    return _event_row(event, _TIMELINE_FROM_EVENT, incident_id=incident_id, change=change.value)

@@ -59,16 +59,16 @@ class RawRef(BaseModel):
     offset: int
 
 
-class _Event(BaseModel):
+class SentryFields(BaseModel):
+    """What the Sentry body said, as the parser (:class:`shared.sentry.ParsedWebhook`) found it.
+
+    Each name here is an attribute of ``ParsedWebhook`` too; :func:`event_fields` copies them by name.
+    """
+
     model_config = ConfigDict(frozen=True)
 
-    v: int = SCHEMA_VERSION
-    delivery_id: str
-    org: str
     resource: str
     action: str
-    project_slug: str | None
-    project_id: str | None = None
     sentry_issue_id: str | None = None
     # Extension of the DESIGN.md field list: the incident identity (``issue:{id}`` or
     # ``metric_alert:{identifier}``), so the writer need not know each resource's shape.
@@ -79,6 +79,17 @@ class _Event(BaseModel):
     culprit: str | None = None
     web_url: str | None = None
     occurred_at: datetime | None = None
+
+
+SENTRY_FIELDS = tuple(SentryFields.model_fields)
+
+
+class _Event(SentryFields):
+    v: int = SCHEMA_VERSION
+    delivery_id: str
+    org: str
+    project_slug: str | None
+    project_id: str | None = None
     received_at: datetime
     raw: RawRef
 
@@ -110,21 +121,13 @@ def event_fields(
     raw: RawRef,
 ) -> dict[str, object]:
     """The common fields of a routed or ignored event for one project of a parsed webhook."""
-    return {
-        "delivery_id": delivery,
-        "org": org,
-        "resource": parsed.resource,
-        "action": parsed.action,
-        "project_slug": project_slug,
-        "project_id": project_id,
-        "sentry_issue_id": parsed.sentry_issue_id,
-        "incident_key": parsed.incident_key,
-        "event_id": parsed.event_id,
-        "title": parsed.title,
-        "level": parsed.level,
-        "culprit": parsed.culprit,
-        "web_url": parsed.web_url,
-        "occurred_at": parsed.occurred_at,
-        "received_at": received_at,
-        "raw": raw,
-    }
+    fields: dict[str, object] = {name: getattr(parsed, name) for name in SENTRY_FIELDS}
+    fields.update(
+        delivery_id=delivery,
+        org=org,
+        project_slug=project_slug,
+        project_id=project_id,
+        received_at=received_at,
+        raw=raw,
+    )
+    return fields

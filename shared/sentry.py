@@ -8,7 +8,7 @@ turns into an ``ignored`` event with reason ``no_project``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +32,6 @@ KNOWN_RESOURCES = frozenset(
 
 _MAX_TEXT = 1000
 _PROJECT_API_PATH = re.compile(r"/api/0/projects/([^/]+)/([^/]+)/")
-_ORG_PATH = re.compile(r"/organizations/([^/]+)/")
 
 
 @dataclass(frozen=True)
@@ -56,8 +55,6 @@ class ParsedWebhook:
     culprit: str | None = None
     web_url: str | None = None
     occurred_at: datetime | None = None
-    sentry_org: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def known_resource(self) -> bool:
@@ -123,32 +120,12 @@ def _time(value: object) -> datetime | None:
     return None
 
 
-def project_from_api_url(url: object) -> tuple[str | None, str | None]:
-    """(org, project slug) from ``…/api/0/projects/{org}/{slug}/events/{id}/``."""
-    if not isinstance(url, str):
-        return None, None
-    match = _PROJECT_API_PATH.search(urlsplit(url).path + "/")
-    if not match:
-        return None, None
-    org, slug = match.group(1), match.group(2)
-    return (org if is_valid_slug(org) else None), _slug(slug)
-
-
-def org_from_url(url: object) -> str | None:
-    """Sentry org slug from ``/organizations/{org}/…`` or a ``{org}.sentry.io`` host."""
+def project_from_api_url(url: object) -> str | None:
+    """The project slug of ``…/api/0/projects/{org}/{slug}/events/{id}/``."""
     if not isinstance(url, str):
         return None
-    parts = urlsplit(url)
-    match = _ORG_PATH.search(parts.path + "/")
-    if match and is_valid_slug(match.group(1)):
-        return match.group(1)
-    host = (parts.hostname or "").lower()
-    if host.endswith(".sentry.io"):
-        sub = host[: -len(".sentry.io")]
-        if "." not in sub and is_valid_slug(sub) and sub not in {"www", "us", "de"}:
-            return sub
-    api_org, _ = project_from_api_url(url)
-    return api_org
+    match = _PROJECT_API_PATH.search(urlsplit(url).path + "/")
+    return _slug(match.group(2)) if match else None
 
 
 def _projects(*refs: tuple[str | None, str | None]) -> tuple[ProjectRef, ...]:
@@ -178,12 +155,11 @@ def _parse_issue(action: str, data: dict[str, Any]) -> ParsedWebhook:
         culprit=_text(issue.get("culprit")),
         web_url=web_url,
         occurred_at=_time(issue.get("lastSeen")) or _time(issue.get("firstSeen")),
-        sentry_org=org_from_url(web_url) or org_from_url(issue.get("url")),
     )
 
 
 def _parse_event(resource: str, action: str, event: dict[str, Any]) -> ParsedWebhook:
-    org, slug = project_from_api_url(event.get("url"))
+    slug = project_from_api_url(event.get("url"))
     web_url = _text(event.get("web_url"))
     return ParsedWebhook(
         resource=resource,
@@ -196,7 +172,6 @@ def _parse_event(resource: str, action: str, event: dict[str, Any]) -> ParsedWeb
         culprit=_text(event.get("culprit")),
         web_url=web_url,
         occurred_at=_time(event.get("datetime")) or _time(event.get("timestamp")),
-        sentry_org=org or org_from_url(web_url),
     )
 
 
@@ -217,7 +192,6 @@ def _parse_metric_alert(action: str, data: dict[str, Any]) -> ParsedWebhook:
         level=action if action in {"critical", "warning"} else "info",
         web_url=web_url,
         occurred_at=_time(alert.get("date_closed")) or _time(alert.get("date_started")),
-        sentry_org=org_from_url(web_url),
     )
 
 
@@ -255,7 +229,6 @@ def _parse_legacy(body: dict[str, Any]) -> ParsedWebhook:
         culprit=_text(body.get("culprit")),
         web_url=url,
         occurred_at=_time(event.get("timestamp")) or _time(event.get("received")),
-        sentry_org=org_from_url(url),
     )
 
 
@@ -283,13 +256,9 @@ def parse_webhook(resource: str, body: object) -> ParsedWebhook:
             resource=resource,
             action=action,
             projects=_projects((_slug(data.get("projectSlug")), None)),
-            sentry_org=_slug(data.get("organizationSlug")),
         )
     if resource == SEER:
         return ParsedWebhook(resource=resource, action=action, sentry_issue_id=_ident(data.get("group_id")))
-    if resource == INSTALLATION:
-        org = _obj(_obj(data.get("installation")).get("organization"))
-        return ParsedWebhook(resource=resource, action=action, sentry_org=_slug(org.get("slug")))
     return ParsedWebhook(resource=resource, action=action)
 
 
@@ -306,3 +275,37 @@ def record_key(org: str, sentry_issue_id: str | None, project_slug: str | None) 
 def partition_key(org: str, parsed: ParsedWebhook) -> str:
     """:func:`record_key` of a parsed webhook (its first project)."""
     return record_key(org, parsed.sentry_issue_id, parsed.projects[0].slug if parsed.projects else None)
+
+
+def raw_record_key(org: str, resource: str, body: object) -> str:
+    """``partition_key(org, parse_webhook(resource, body))`` without parsing the rest of the body:
+    only the Sentry issue id and the first project slug, found where :func:`parse_webhook` finds them.
+    Ingest keys its raw records with it."""
+    root = _obj(body)
+    data = _obj(root.get("data"))
+    issue_id: str | None = None
+    slug: str | None = None
+    if resource == LEGACY:
+        issue_id, slug = _ident(root.get("id")), _slug(root.get("project_slug")) or _slug(root.get("project"))
+    elif resource in (ISSUE, ACTIVITY_ALERT):
+        issue = _obj(data.get("issue"))
+        short_id = issue.get("shortId")
+        issue_id, slug = _ident(issue.get("id")), _slug(_obj(issue.get("project")).get("slug"))
+        if slug is None and isinstance(short_id, str) and "-" in short_id:
+            slug = _slug(short_id.rsplit("-", 1)[0].lower())
+    elif resource in (ERROR, EVENT_ALERT):
+        event = _obj(data.get("error" if resource == ERROR else "event"))
+        issue_id, slug = _ident(event.get("issue_id")), project_from_api_url(event.get("url"))
+    elif resource == METRIC_ALERT:
+        alert = _obj(data.get("metric_alert"))
+        names = alert.get("projects")
+        if not isinstance(names, list):
+            names = _obj(alert.get("alert_rule")).get("projects")
+        slug = next((s for s in map(_slug, names) if s), None) if isinstance(names, list) else None
+    elif resource == COMMENT:
+        issue_id, slug = _ident(data.get("issue_id")), _slug(data.get("project_slug"))
+    elif resource == PREPROD_ARTIFACT:
+        slug = _slug(data.get("projectSlug"))
+    elif resource == SEER:
+        issue_id = _ident(data.get("group_id"))
+    return record_key(org, issue_id, slug)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
@@ -30,6 +31,13 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+class IncidentStatus(StrEnum):
+    """An incident's ``status``: the one list of its values (API, CLI, web page and writer use it)."""
+
+    OPEN = "open"
+    RESOLVED = "resolved"
 
 
 class Base(DeclarativeBase):
@@ -134,7 +142,7 @@ class Incident(Base):
     level: Mapped[str | None] = mapped_column(String(32))
     culprit: Mapped[str | None] = mapped_column(Text)
     web_url: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="open")
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default=IncidentStatus.OPEN.value)
     event_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

@@ -9,91 +9,89 @@ from typing import Any
 
 import pytest
 
+from shared.events import SENTRY_FIELDS
 from shared.sentry import (
     ParsedWebhook,
     is_valid_slug,
-    org_from_url,
     parse_webhook,
     partition_key,
     project_from_api_url,
 )
 from tests.support.sentry import payloads_dir
 
-# file → (resource, action, project slugs, project ids, sentry issue id, alert identifier, event id, sentry org)
-EXPECTED: dict[str, tuple[str, str, list[str], list[str | None], str | None, str | None, str | None, str | None]] = {
-    "comment.created.json": ("comment", "created", ["sentry"], [None], "100", None, None, None),
+# file → (resource, action, project slugs, project ids, sentry issue id, alert identifier, event id)
+EXPECTED: dict[str, tuple[str, str, list[str], list[str | None], str | None, str | None, str | None]] = {
+    "comment.created.json": ("comment", "created", ["sentry"], [None], "100", None, None),
     "error.created.json": (
-        "error", "created", ["front-end"], ["1"], "1170820242", None, "bb78c1407cea4519aa397afc059c793d", "test-org"
+        "error", "created", ["front-end"], ["1"], "1170820242", None, "bb78c1407cea4519aa397afc059c793d"
     ),
     "event_alert.triggered.json": (
         "event_alert", "triggered", ["front-end"], ["1"], "1117540176", None, "e4874d664c3540c1a32eab185f12c5ab",
-        "test-org",
     ),
-    "installation.created.json": ("installation", "created", [], [], None, None, None, "test-org"),
-    "issue.created.json": ("issue", "created", ["front-end"], ["1"], "1170820242", None, None, None),
+    "installation.created.json": ("installation", "created", [], [], None, None, None),
+    "issue.created.json": ("issue", "created", ["front-end"], ["1"], "1170820242", None, None),
     "legacy_webhook_plugin.json": (
         "legacy_webhook", "triggered", ["python"], [None], "4616132096", None, "d432ae7c01c640b597831fb1710e3413",
-        "keep-dr",
     ),
     "legacy_webhook_plugin.sentry9.json": (
-        "legacy_webhook", "triggered", ["alerta5"], [None], "541485531", None, "0476467adf8f499ea795a48fcc4bf290", None
+        "legacy_webhook", "triggered", ["alerta5"], [None], "541485531", None, "0476467adf8f499ea795a48fcc4bf290"
     ),
-    "metric_alert.resolved.json": ("metric_alert", "resolved", ["bar"], [None], None, "1", None, "baz"),
+    "metric_alert.resolved.json": ("metric_alert", "resolved", ["bar"], [None], None, "1", None),
     "preprod_artifact.build_distribution_completed.json": (
-        "preprod_artifact", "build_distribution_completed", ["my-project"], [None], None, None, None, "my-org"
+        "preprod_artifact", "build_distribution_completed", ["my-project"], [None], None, None, None
     ),
     "preprod_artifact.size_analysis_completed.json": (
-        "preprod_artifact", "size_analysis_completed", ["my-project"], [None], None, None, None, "my-org"
+        "preprod_artifact", "size_analysis_completed", ["my-project"], [None], None, None, None
     ),
-    "seer.coding_completed.json": ("seer", "coding_completed", [], [], "1170820242", None, None, None),
-    "seer.coding_started.json": ("seer", "coding_started", [], [], "1170820242", None, None, None),
-    "seer.pr_created.json": ("seer", "pr_created", [], [], "1170820242", None, None, None),
-    "seer.root_cause_completed.json": ("seer", "root_cause_completed", [], [], "1170820242", None, None, None),
-    "seer.root_cause_started.json": ("seer", "root_cause_started", [], [], "1170820242", None, None, None),
-    "seer.solution_completed.json": ("seer", "solution_completed", [], [], "1170820242", None, None, None),
-    "seer.solution_started.json": ("seer", "solution_started", [], [], "1170820242", None, None, None),
-    "example-app-mocks/comment.created.json": ("comment", "created", ["ipe"], [None], "123", None, None, None),
-    "example-app-mocks/comment.deleted.json": ("comment", "deleted", ["ipe"], [None], "123", None, None, None),
-    "example-app-mocks/comment.updated.json": ("comment", "updated", ["ipe"], [None], "123", None, None, None),
+    "seer.coding_completed.json": ("seer", "coding_completed", [], [], "1170820242", None, None),
+    "seer.coding_started.json": ("seer", "coding_started", [], [], "1170820242", None, None),
+    "seer.pr_created.json": ("seer", "pr_created", [], [], "1170820242", None, None),
+    "seer.root_cause_completed.json": ("seer", "root_cause_completed", [], [], "1170820242", None, None),
+    "seer.root_cause_started.json": ("seer", "root_cause_started", [], [], "1170820242", None, None),
+    "seer.solution_completed.json": ("seer", "solution_completed", [], [], "1170820242", None, None),
+    "seer.solution_started.json": ("seer", "solution_started", [], [], "1170820242", None, None),
+    "example-app-mocks/comment.created.json": ("comment", "created", ["ipe"], [None], "123", None, None),
+    "example-app-mocks/comment.deleted.json": ("comment", "deleted", ["ipe"], [None], "123", None, None),
+    "example-app-mocks/comment.updated.json": ("comment", "updated", ["ipe"], [None], "123", None, None),
     # The mocks' events carry no API url: the project slug is not there (typed "no project").
-    "example-app-mocks/event_alert.triggered.json": ("event_alert", "triggered", [], [], "123", None, "def456", "lxyz"),
+    "example-app-mocks/event_alert.triggered.json": ("event_alert", "triggered", [], [], "123", None, "def456"),
     "example-app-mocks/event_alert.triggered.with_alert_rule_action.json": (
-        "event_alert", "triggered", [], [], "123", None, "def456", "lxyz"
+        "event_alert", "triggered", [], [], "123", None, "def456"
     ),
-    "example-app-mocks/installation.created.json": ("installation", "created", [], [], None, None, None, "example"),
-    "example-app-mocks/installation.deleted.json": ("installation", "deleted", [], [], None, None, None, "example"),
-    "example-app-mocks/issue.assigned.json": ("issue", "assigned", ["ipe"], ["456"], "123", None, None, None),
-    "example-app-mocks/issue.created.json": ("issue", "created", ["ipe"], ["456"], "123", None, None, None),
-    "example-app-mocks/issue.ignored.json": ("issue", "ignored", ["ipe"], ["456"], "123", None, None, None),
-    "example-app-mocks/issue.resolved.json": ("issue", "resolved", ["ipe"], ["456"], "123", None, None, None),
-    "example-app-mocks/metric_alert.critical.json": ("metric_alert", "critical", [], [], None, "789", None, None),
+    "example-app-mocks/installation.created.json": ("installation", "created", [], [], None, None, None),
+    "example-app-mocks/installation.deleted.json": ("installation", "deleted", [], [], None, None, None),
+    "example-app-mocks/issue.assigned.json": ("issue", "assigned", ["ipe"], ["456"], "123", None, None),
+    "example-app-mocks/issue.created.json": ("issue", "created", ["ipe"], ["456"], "123", None, None),
+    "example-app-mocks/issue.ignored.json": ("issue", "ignored", ["ipe"], ["456"], "123", None, None),
+    "example-app-mocks/issue.resolved.json": ("issue", "resolved", ["ipe"], ["456"], "123", None, None),
+    "example-app-mocks/metric_alert.critical.json": ("metric_alert", "critical", [], [], None, "789", None),
     "example-app-mocks/metric_alert.critical.with_alert_rule_action.json": (
-        "metric_alert", "critical", [], [], None, "789", None, None
+        "metric_alert", "critical", [], [], None, "789", None
     ),
-    "example-app-mocks/metric_alert.resolved.json": ("metric_alert", "resolved", [], [], None, "789", None, None),
-    "example-app-mocks/metric_alert.warning.json": ("metric_alert", "warning", [], [], None, "789", None, None),
+    "example-app-mocks/metric_alert.resolved.json": ("metric_alert", "resolved", [], [], None, "789", None),
+    "example-app-mocks/metric_alert.warning.json": ("metric_alert", "warning", [], [], None, "789", None),
     "example-app-mocks/metric_alert.warning.with_alert_rule_action.json": (
-        "metric_alert", "warning", [], [], None, "789", None, None
+        "metric_alert", "warning", [], [], None, "789", None
     ),
     "sentry-test-fixtures/activity_alert.triggered.data.json": (
-        "activity_alert", "triggered", ["my-proj"], ["42"], "123456", None, None, "my-org"
+        "activity_alert", "triggered", ["my-proj"], ["42"], "123456", None, None
     ),
-    "sentry-test-fixtures/comment.created.data.json": ("comment", "created", ["my-proj"], [None], "123456", None, None, None),
+    "sentry-test-fixtures/comment.created.data.json": ("comment", "created", ["my-proj"], [None], "123456", None, None),
     "sentry-test-fixtures/error.created.data.json": (
-        "error", "created", [], [], "123456", None, "9b3d8a3b2a5f4b1c8e6d0a1f2c3b4a5e", "my-org"
+        "error", "created", [], [], "123456", None, "9b3d8a3b2a5f4b1c8e6d0a1f2c3b4a5e"
     ),
     "sentry-test-fixtures/event_alert.triggered.data.json": (
-        "event_alert", "triggered", [], [], "123456", None, "abc1230000000000000000000000abcd", None
+        "event_alert", "triggered", [], [], "123456", None, "abc1230000000000000000000000abcd"
     ),
-    "sentry-test-fixtures/installation.created.data.json": ("installation", "created", [], [], None, None, None, "my-org"),
-    "sentry-test-fixtures/issue.created.data.json": ("issue", "created", ["my-proj"], ["42"], "123456", None, None, "my-org"),
+    "sentry-test-fixtures/installation.created.data.json": ("installation", "created", [], [], None, None, None),
+    "sentry-test-fixtures/issue.created.data.json": ("issue", "created", ["my-proj"], ["42"], "123456", None, None),
     "sentry-test-fixtures/metric_alert.critical.data.json": (
-        "metric_alert", "critical", ["my-proj"], [None], None, "1", None, "my-org"
+        "metric_alert", "critical", ["my-proj"], [None], None, "1", None
     ),
     "sentry-test-fixtures/preprod_artifact.size_analysis_completed.data.json": (
-        "preprod_artifact", "size_analysis_completed", ["my-proj"], [None], None, None, None, "my-org"
+        "preprod_artifact", "size_analysis_completed", ["my-proj"], [None], None, None, None
     ),
-    "sentry-test-fixtures/seer.root_cause_started.data.json": ("seer", "root_cause_started", [], [], "123456", None, None, None),
+    "sentry-test-fixtures/seer.root_cause_started.data.json": ("seer", "root_cause_started", [], [], "123456", None, None),
 }  # fmt: skip
 
 
@@ -126,7 +124,7 @@ def test_corpus_file_parses_as_expected(name: str) -> None:
     slugs, ids = [p.slug for p in parsed.projects], [p.id for p in parsed.projects]
     got = (
         parsed.resource, parsed.action, slugs, ids, parsed.sentry_issue_id, parsed.alert_identifier,
-        parsed.event_id, parsed.sentry_org,
+        parsed.event_id,
     )  # fmt: skip
     assert got == EXPECTED[name]
     assert parsed.known_resource
@@ -197,30 +195,16 @@ def test_unknown_resource_is_typed_not_an_error() -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "org", "slug"),
+    ("url", "slug"),
     [
-        ("https://sentry.io/api/0/projects/acme/payments-api/events/abc/", "acme", "payments-api"),
-        ("https://acme.sentry.io/api/0/projects/acme/web/events/abc/", "acme", "web"),
-        ("https://sentry.example.com/api/0/projects/acme/Bad_Slug/events/abc/", "acme", None),
-        ("not a url", None, None),
+        ("https://sentry.io/api/0/projects/acme/payments-api/events/abc/", "payments-api"),
+        ("https://acme.sentry.io/api/0/projects/acme/web/events/abc/", "web"),
+        ("https://sentry.example.com/api/0/projects/acme/Bad_Slug/events/abc/", None),
+        ("not a url", None),
     ],
 )
-def test_project_from_api_url(url: str, org: str | None, slug: str | None) -> None:
-    assert project_from_api_url(url) == (org, slug)
-
-
-@pytest.mark.parametrize(
-    ("url", "org"),
-    [
-        ("https://sentry.io/organizations/acme/issues/1/", "acme"),
-        ("https://acme.sentry.io/issues/1/", "acme"),
-        ("https://us.sentry.io/issues/1/", None),
-        ("https://example.com/x", None),
-        (None, None),
-    ],
-)
-def test_org_from_url(url: str | None, org: str | None) -> None:
-    assert org_from_url(url) == org
+def test_project_from_api_url(url: str, slug: str | None) -> None:
+    assert project_from_api_url(url) == slug
 
 
 @pytest.mark.parametrize(
@@ -243,3 +227,8 @@ def test_partition_key_prefers_issue_then_project_then_org() -> None:
     assert partition_key("o", parse_webhook(*load("issue.created.json"))) == "o/1170820242"
     assert partition_key("o", parse_webhook(*load("preprod_artifact.size_analysis_completed.json"))) == "o/my-project"
     assert partition_key("o", parse_webhook(*load("installation.created.json"))) == "o"
+
+
+def test_the_parser_provides_every_sentry_field_of_an_event() -> None:
+    parsed = parse_webhook("issue", load("issue.created.json")[1])
+    assert all(hasattr(parsed, name) for name in SENTRY_FIELDS)
