@@ -1,7 +1,8 @@
 """The ingest service: verify a Sentry webhook, make it durable, answer 200.
 
 Thin by design: no mapping logic here. The body goes to ``sentry.webhooks.raw`` byte for byte,
-through Kafka's acknowledgement or the local spool (``ingest/publisher.py``).
+keyed by its Sentry issue (or project) so one issue's events stay in order, through Kafka's
+acknowledgement or the local spool (``ingest/publish.py``).
 
 Answers (every one counted in ``blametrail_ingest_requests_total`` by resource and outcome):
 
@@ -35,15 +36,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ingest.publisher import Producer, Publisher, Unavailable
+from ingest.async_spool import AsyncSpool
+from ingest.kafka import Producer
+from ingest.publish import Publisher, Unavailable
+from ingest.record import RawRecord
 from ingest.secrets import LegacyTokenCache, OrgCache, SecretCache
-from ingest.spool import AsyncSpool, SpooledMessage, SpoolError
+from ingest.spool_files import SpoolError
 from shared import events, metrics
 from shared.db.session import create_engine, sessionmaker
+from shared.errors import error_body
 from shared.kafka import make_producer
 from shared.logs import setup_logging
 from shared.security import hash_token, signature_matches
-from shared.sentry import KNOWN_RESOURCES, LEGACY, is_valid_slug, parse_webhook, partition_key
+from shared.sentry import KNOWN_RESOURCES, LEGACY, is_valid_slug, raw_record_key
 from shared.settings import Settings, get_settings
 from shared.topics import Topics
 
@@ -73,8 +78,8 @@ class IngestState:
 Handler = Callable[[IngestState, Request], Awaitable[tuple[Response, str]]]
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
 def _unauthorized() -> tuple[Response, str]:
@@ -83,10 +88,7 @@ def _unauthorized() -> tuple[Response, str]:
 
 
 def _unavailable(message: str) -> tuple[Response, str]:
-    response = JSONResponse(
-        {"error": {"code": "unavailable", "message": message}}, status_code=503, headers={"Retry-After": RETRY_AFTER}
-    )
-    return response, "unavailable"
+    return _error(503, "unavailable", message, {"Retry-After": RETRY_AFTER}), "unavailable"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -194,7 +196,6 @@ async def _publish(state: IngestState, request: Request, org: str, resource: str
     except orjson.JSONDecodeError as exc:
         return _error(400, "bad_json", f"body is not valid JSON: {exc}"), "bad_json"
 
-    parsed = parse_webhook(resource, decoded)
     received_at = events.utc_now()
     headers = (
         (events.H_ORG, org.encode()),
@@ -206,15 +207,14 @@ async def _publish(state: IngestState, request: Request, org: str, resource: str
         (events.H_CONTENT_TYPE, (request.headers.get("content-type") or "")[:100].encode()),
         (events.H_INGEST_VERSION, INGEST_VERSION.encode()),
     )
-    message = SpooledMessage(
-        topic=state.topics.raw,
-        key=partition_key(org, parsed).encode(),
+    record = RawRecord(
+        key=raw_record_key(org, resource, decoded).encode(),
         value=body,
         headers=headers,
         received_at=received_at.timestamp(),
     )
     try:
-        outcome = await state.publisher.publish(message)
+        outcome = await state.publisher.publish(record)
     except Unavailable as exc:
         log.error("webhook of org %s could not be made durable: %s", org, exc)
         return _unavailable("event could not be made durable; retry")
@@ -230,7 +230,7 @@ async def readyz(request: Request) -> Response:
     publisher: Publisher = request.app.state.ingest.publisher
     kafka = "connected" if publisher.producer_connected else "not connected"
     spool = "writable" if publisher.spool_writable else "not writable"
-    text = f"kafka producer {kafka}; spool {spool} ({publisher.spool.total_depth} waiting)"
+    text = f"kafka producer {kafka}; spool {spool} ({publisher.spool.depth} waiting)"
     status = 200 if publisher.producer_connected or publisher.spool_writable else 503
     return PlainTextResponse(text, status_code=status)
 
@@ -250,15 +250,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = create_engine(settings, pool_size=2)
         sessions = sessionmaker(engine)
+        topics = Topics.from_settings(settings)
         try:
             spool = await AsyncSpool.open(
-                Path(settings.spool_dir), settings.spool_max_bytes, headroom=settings.max_body_bytes
+                Path(settings.spool_dir), topics.raw, settings.spool_max_bytes, headroom=settings.max_body_bytes
             )
         except SpoolError:
             await engine.dispose()
             raise
-        log.info("spool %s (%d waiting)", spool.path, spool.total_depth)
-        topics = Topics.from_settings(settings)
+        log.info("spool %s (%d waiting)", spool.path, spool.depth)
 
         def new_producer() -> Producer:
             producer: Producer = make_producer(settings, client_id="blametrail-ingest")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from ingest.publisher import partition_for
+from ingest.kafka import partition_for
 from shared import events
 from shared.orgs import NewOrg, disable_legacy_plugin, enable_legacy_plugin, rotate_secret
 from shared.sentry import LEGACY, parse_webhook, partition_key

@@ -13,8 +13,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ingest.app import create_app
-from ingest.publisher import Outcome, Producer, Publisher
-from ingest.spool import AsyncSpool, SpooledMessage
+from ingest.async_spool import AsyncSpool
+from ingest.kafka import Producer
+from ingest.publish import Outcome, Publisher
+from ingest.record import RawRecord
 from shared import events
 from shared.kafka import make_producer
 from shared.settings import Settings
@@ -36,13 +38,13 @@ async def raw(topics: Settings) -> AsyncIterator[TopicReader]:
 
 
 async def test_a_replaced_producer_loses_nothing(topics: Settings, raw: TopicReader, tmp_path: Path) -> None:
-    spool = await AsyncSpool.open(tmp_path, 1 << 24)
+    topic = Topics.from_settings(topics).raw
+    spool = await AsyncSpool.open(tmp_path, topic, 1 << 24)
 
     def factory() -> Producer:
         producer: Producer = make_producer(topics, client_id="test-ingest")
         return producer
 
-    topic = Topics.from_settings(topics).raw
     publisher = Publisher(
         spool, factory, topic=topic, publish_timeout=0.3, max_inflight=1000, bootstrap=topics.kafka_bootstrap
     )
@@ -52,7 +54,7 @@ async def test_a_replaced_producer_loses_nothing(topics: Settings, raw: TopicRea
         assert publisher.producer_connected
         run = os.urandom(4).hex()
         messages = [
-            SpooledMessage(topic, f"restart-{run}/{n % 4}".encode(), f"{run}-{n}".encode(), (
+            RawRecord(f"restart-{run}/{n % 4}".encode(), f"{run}-{n}".encode(), (
                 (events.H_DELIVERY_ID, f"{run}-{n}".encode()),), time.time())
             for n in range(200)
         ]  # fmt: skip
@@ -62,7 +64,7 @@ async def test_a_replaced_producer_loses_nothing(topics: Settings, raw: TopicRea
 
         sending = asyncio.create_task(publish_all())
         await wait_until(lambda: _true(len(raw.records) > 0), within=30, what="the first records")
-        publisher.request_restart(publisher.producer, "test: replace it mid-traffic")
+        publisher.producers.request_restart(publisher.producers.producer, "test: replace it mid-traffic")
         outcomes = await sending
         assert set(outcomes) <= {Outcome.ACCEPTED, Outcome.SPOOLED}
         await wait_until(lambda: _true(publisher.producer_connected), within=30, what="a new producer")
@@ -72,7 +74,7 @@ async def test_a_replaced_producer_loses_nothing(topics: Settings, raw: TopicRea
         for key in {m.key for m in messages}:
             sent = [m.value.decode() for m in messages if m.key == key]
             assert sorted(sent, key=lambda d: records[d].offset) == sent, "a key's records out of order"
-        await wait_until(lambda: _true(publisher.spool.total_depth == 0), within=30, what="empty spool")
+        await wait_until(lambda: _true(publisher.spool.depth == 0), within=30, what="empty spool")
     finally:
         await publisher.close()
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from ingest.spool import spooled_rows
+from ingest.spool_files import spooled_rows
 from shared import events
 from shared.kafka import create_topics
 from shared.orgs import NewOrg

@@ -1,0 +1,163 @@
+"""Making an accepted webhook durable: Kafka's acknowledgement, or the local spool, in order.
+
+``Publisher.publish`` is the whole contract of ingest's answer:
+
+- ``ACCEPTED``: Kafka acknowledged the record (``acks=all``, idempotent producer) within
+  ``publish_timeout``.
+- ``SPOOLED``: Kafka did not acknowledge in time (or cannot be reached, or ``max_inflight`` direct
+  publishes are already waiting); the record is fsync'd in the spool and the drainer
+  (``ingest/drain.py``) delivers it. The direct send that timed out may still complete later: that
+  record then reaches the topic twice, with the same ``delivery_id`` (consumers are idempotent on it).
+- ``Unavailable`` (raised): neither worked — the spool is full or unwritable and a last direct attempt
+  failed too. The caller answers 503. (Durability beats order here: that last attempt goes around
+  the spool.)
+
+Order: while the spool holds rows (or appends are on their way to it), new records go to the spool
+as well, so a later webhook never overtakes a spooled one; the drainer keeps spool order per key.
+
+``Publisher`` also owns the lifecycle: ``start`` launches the producer supervisor
+(``ingest/producer.py``) and the drainer; ``close`` stops draining, flushes the producer and
+releases the spool with its unsent rows still in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from enum import StrEnum
+
+from ingest.async_spool import AsyncSpool
+from ingest.drain import Drainer
+from ingest.kafka import ProducerFactory, retrieve
+from ingest.producer import ProducerSupervisor
+from ingest.record import RawRecord
+from ingest.spool_files import SpoolError
+from shared import metrics
+
+log = logging.getLogger("blametrail.ingest.publish")
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    SPOOLED = "spooled"
+
+
+class Unavailable(Exception):
+    """Neither Kafka nor the spool could make the webhook durable: answer 503 with Retry-After."""
+
+
+class Publisher:
+    """Publishes to ``topic`` (the raw topic) directly or through ``spool``; see the module docstring."""
+
+    def __init__(
+        self,
+        spool: AsyncSpool,
+        factory: ProducerFactory,
+        *,
+        topic: str,
+        publish_timeout: float,
+        max_inflight: int,
+        bootstrap: str,
+    ) -> None:
+        self.spool = spool
+        self._topic = topic
+        self._timeout = publish_timeout
+        self._max_inflight = max_inflight
+        self._inflight = 0
+        self._spool_pending = 0
+        self.producers = ProducerSupervisor(factory, bootstrap=bootstrap, busy=self._busy, on_connected=self._wake)
+        self._drainer = Drainer(spool, self.producers, topic)
+
+    @property
+    def producer_connected(self) -> bool:
+        return self.producers.producer is not None
+
+    @property
+    def spool_writable(self) -> bool:
+        return self.spool.writable
+
+    def _busy(self) -> bool:
+        return self.spool.depth > 0 or self._inflight > 0
+
+    def _wake(self) -> None:
+        self._drainer.wake()
+
+    def _direct_allowed(self) -> bool:
+        return (
+            self.producers.usable is not None
+            and self.spool.depth == 0
+            and self._spool_pending == 0
+            and self._inflight < self._max_inflight
+        )
+
+    async def start(self, wait_connected: float = 5.0) -> None:
+        """Start the producer supervisor and the drainer; wait for the first producer start attempt, at
+        most ``wait_connected`` seconds (ingest serves from the spool if Kafka is not there)."""
+        self._drainer.start()
+        await self.producers.start(wait_connected)
+
+    async def close(self, grace: float = 2.0) -> None:
+        """Stop draining, flush the producer, release the spool. Bounded by about ``2 * grace``.
+
+        Spooled rows not yet acknowledged stay in the spool file for the next start.
+        """
+        self.producers.stop()
+        kafka_answers = await self._drainer.stop(grace)
+        await self.producers.close(grace, flush=kafka_answers)
+        await self.spool.close()
+
+    async def publish(self, record: RawRecord) -> Outcome:
+        """Make ``record`` durable; raises ``Unavailable`` when neither Kafka nor the spool can."""
+        tried_direct = False
+        if self._direct_allowed():
+            tried_direct = True
+            if await self._send_direct(record):
+                return Outcome.ACCEPTED
+        try:
+            await self._to_spool(record)
+        except SpoolError as exc:
+            # Durability beats order: a last direct attempt rather than losing the webhook.
+            if not tried_direct and await self._send_direct(record):
+                log.warning("spool refused a webhook (%s): published directly, out of spool order", exc)
+                return Outcome.ACCEPTED
+            raise Unavailable(str(exc)) from exc
+        return Outcome.SPOOLED
+
+    async def _send_direct(self, record: RawRecord) -> bool:
+        producer = self.producers.producer
+        if producer is None:
+            return False
+        if self._inflight == 0:
+            self.producers.progress()
+        self._inflight += 1
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout):
+                future = await producer.send(
+                    self._topic,
+                    value=record.value,
+                    key=record.key,
+                    timestamp_ms=record.timestamp_ms,
+                    headers=list(record.headers),
+                )
+                future.add_done_callback(retrieve)
+                await asyncio.shield(future)
+        except TimeoutError:
+            return False
+        except Exception as exc:
+            self.producers.check_error(producer, exc)
+            return False
+        finally:
+            self._inflight -= 1
+        metrics.INGEST_PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        self.producers.progress()
+        return True
+
+    async def _to_spool(self, record: RawRecord) -> None:
+        self._spool_pending += 1
+        try:
+            await self.spool.append(record)
+        finally:
+            self._spool_pending -= 1
+        self._drainer.wake()
