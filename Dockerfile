@@ -16,6 +16,7 @@ COPY ingest ./ingest
 COPY router ./router
 COPY incident_writer ./incident_writer
 COPY admin ./admin
+COPY cli ./cli
 RUN pip install . \
     && rm -rf /src/build /src/*.egg-info \
     && useradd --system --uid 10001 --user-group --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin blametrail \

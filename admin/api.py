@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlencode
 
 import orjson
@@ -32,7 +32,7 @@ from shared.db.models import (
     SentryIntegration,
     SentryProjectMapping,
 )
-from shared.errors import DomainError, ErrorKind
+from shared.errors import DomainError, ErrorKind, error_body
 from shared.security import hash_token
 from shared.settings import Settings
 
@@ -85,10 +85,7 @@ def validate(model: type[M], data: object) -> M:
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
-    detail: dict[str, Any] = {"code": code, "message": message}
-    if field:
-        detail["field"] = field
-    return JSONResponse({"error": detail}, status_code=status)
+    return JSONResponse(error_body(code, message, field), status_code=status)
 
 
 def json_response(data: BaseModel | Sequence[BaseModel], status: int = 200) -> Response:
@@ -154,7 +151,7 @@ async def get_integration(call: Call) -> Response:
 
 async def list_mappings(call: Call) -> Response:
     views = await mappings.list_mappings(call.session, call.org_id)
-    return json_response([schemas.MappingOut.model_validate(v) for v in views])
+    return json_response(views)
 
 
 async def create_mapping(call: Call) -> Response:
@@ -162,7 +159,7 @@ async def create_mapping(call: Call) -> Response:
     view = await mappings.add_mapping(
         call.session, call.org_id, body.sentry_project_slug, body.service_id, active=body.active
     )
-    return json_response(schemas.MappingOut.model_validate(view), 201)
+    return json_response(view, 201)
 
 
 async def edit_mapping(call: Call) -> Response:
@@ -170,7 +167,7 @@ async def edit_mapping(call: Call) -> Response:
     view = await mappings.edit_mapping(
         call.session, call.org_id, call.path_int("mapping_id"), service_id=body.service_id, active=body.active
     )
-    return json_response(schemas.MappingOut.model_validate(view))
+    return json_response(view)
 
 
 async def delete_mapping(call: Call) -> Response:
@@ -181,7 +178,7 @@ async def delete_mapping(call: Call) -> Response:
 async def list_unmapped(call: Call) -> Response:
     query = call.query(schemas.UnmappedQuery)
     found = await mappings.unmapped_projects(call.session, call.org_id, days=query.days)
-    return json_response([schemas.UnmappedProjectOut.model_validate(p) for p in found])
+    return json_response(found)
 
 
 async def keyset_page(

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.mappings import SERVICE_NAME_MAX, SLUG_RULE, MappingView, UnmappedProject
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -27,7 +29,7 @@ class ErrorBody(_Out):
 
 
 class ServiceIn(_Body):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=SERVICE_NAME_MAX)
 
 
 class ServiceOut(_Out):
@@ -36,7 +38,7 @@ class ServiceOut(_Out):
 
 
 class MappingIn(_Body):
-    sentry_project_slug: str = Field(description="Sentry project slug: 1-100 of a-z 0-9 _ -, not all digits")
+    sentry_project_slug: str = Field(description=f"Sentry project slug: {SLUG_RULE}")
     service_id: int
     active: bool = True
 
@@ -46,15 +48,14 @@ class MappingPatch(_Body):
     active: bool | None = None
 
 
-class MappingOut(_Out):
-    id: int
-    sentry_project_slug: str
-    service_id: int
-    service_name: str
-    active: bool
-    created_at: datetime
-    updated_at: datetime
-    last_event_at: datetime | None
+# The shared views under their API names (a subclass only names the OpenAPI schema; the
+# handlers answer the views themselves).
+class MappingOut(MappingView):
+    pass
+
+
+class UnmappedProjectOut(UnmappedProject):
+    pass
 
 
 class IntegrationOut(_Out):
@@ -67,12 +68,6 @@ class IntegrationOut(_Out):
     mappings: int
     active_mappings: int
     last_event_at: datetime | None
-
-
-class UnmappedProjectOut(_Out):
-    slug: str
-    events: int
-    last_seen_at: datetime
 
 
 class IncidentOut(_Out):

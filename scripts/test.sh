@@ -17,12 +17,16 @@ ruff format --check .
 log "mypy"
 mypy
 
-# The browser tests drive Debian's Chromium (Playwright without its own browser download).
-if ! command -v chromium >/dev/null 2>&1; then
-  log "installing Chromium for the browser tests (apt-get)"
+# Debian packages the tests drive: Chromium for the browser tests (Playwright without its own
+# browser download), docker-compose to check docker-compose.yml with the real parser (`config -q`).
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+if (( ${#need[@]} )); then
+  log "installing ${need[*]} for the tests (apt-get)"
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
   $sudo apt-get update -q >&2
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium >&2 || die "could not install chromium"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}" >&2 || die "could not install ${need[*]}"
 fi
 
 cleanup() {

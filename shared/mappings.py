@@ -1,7 +1,7 @@
 """Services and Sentry project mappings: the rules of the product page, shared by CLI and admin API.
 
 Rules (enforced here and, where a race could break them, by the database):
-- a project slug follows Sentry's pattern (1-100 of ``a-z0-9_-``, not all digits);
+- a project slug follows Sentry's pattern (``shared.sentry.SLUG_RE``, told to callers as ``SLUG_RULE``);
 - a Sentry project maps to at most one service per org (unique constraint; 409 names the mapping);
 - many projects may map to one service; the service must be in the same org (composite FK);
 - disabling keeps the mapping and its service; editing changes only ``service_id`` / ``active``;
@@ -12,9 +12,9 @@ Every function takes the caller's org id: another org's ids behave exactly like 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import and_, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,11 +23,15 @@ from shared.db.models import AuditRecord, Incident, SentryProjectMapping, Servic
 from shared.errors import conflict, invalid, not_found
 from shared.sentry import is_valid_slug
 
-SLUG_RULE = "1-100 characters of a-z, 0-9, _ and -, not all digits"
+SERVICE_NAME_MAX = 200
+SLUG_RULE = "1-100 characters of a-z, 0-9, _ and -, not all digits"  # in words: shared.sentry.SLUG_RE
 
 
-@dataclass(frozen=True)
-class MappingView:
+class MappingView(BaseModel):
+    """A mapping as callers see it: the CLI prints it, the admin API answers it (as ``MappingOut``)."""
+
+    model_config = ConfigDict(frozen=True)
+
     id: int
     sentry_project_slug: str
     service_id: int
@@ -35,19 +39,23 @@ class MappingView:
     active: bool
     created_at: datetime
     updated_at: datetime
-    last_event_at: datetime | None = None
+    last_event_at: datetime | None
 
 
-@dataclass(frozen=True)
-class UnmappedProject:
+class UnmappedProject(BaseModel):
+    """A project of the admin's inbox (the admin API's ``UnmappedProjectOut``)."""
+
+    model_config = ConfigDict(frozen=True)
+
     slug: str
     events: int
     last_seen_at: datetime
 
 
-def check_slug(slug: object, field: str = "sentry_project_slug") -> str:
+def check_slug(slug: object, field: str = "sentry_project_slug", what: str = "a Sentry project slug") -> str:
+    """``slug`` when it is a valid Sentry slug (``shared.sentry.is_valid_slug``), else ``invalid_slug`` on ``field``."""
     if not isinstance(slug, str) or not is_valid_slug(slug):
-        raise invalid("invalid_slug", f"{slug!r} is not a Sentry project slug ({SLUG_RULE})", field)
+        raise invalid("invalid_slug", f"{slug!r} is not {what} ({SLUG_RULE})", field)
     return slug
 
 
@@ -56,8 +64,8 @@ def check_slug(slug: object, field: str = "sentry_project_slug") -> str:
 
 async def create_service(session: AsyncSession, org_id: int, name: str) -> Service:
     name = name.strip()
-    if not name or len(name) > 200:
-        raise invalid("invalid_name", "service name must be 1-200 characters", "name")
+    if not 1 <= len(name) <= SERVICE_NAME_MAX:
+        raise invalid("invalid_name", f"service name must be 1-{SERVICE_NAME_MAX} characters", "name")
     service = Service(org_id=org_id, name=name)
     try:
         async with session.begin_nested():

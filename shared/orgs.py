@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db.models import ApiToken, Organization, SentryIntegration
 from shared.errors import conflict, invalid, not_found
+from shared.mappings import check_slug
 from shared.security import hash_token, new_api_token, new_client_secret, new_legacy_token
-from shared.sentry import is_valid_slug
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,7 @@ class NewOrg:
 
 
 async def create_org(session: AsyncSession, slug: str, name: str | None = None) -> NewOrg:
-    if not is_valid_slug(slug):
-        raise invalid(
-            "invalid_slug", f"organization slug {slug!r} must be 1-100 of a-z 0-9 _ - and not all digits", "slug"
-        )
+    check_slug(slug, "slug", what="an organization slug")
     org = Organization(slug=slug, name=name or slug)
     session.add(org)
     try:

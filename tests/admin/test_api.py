@@ -85,6 +85,22 @@ async def mapping(org: Org, slug: str, service_id: int, active: bool = True) -> 
     return body
 
 
+async def incident(sessions: async_sessionmaker[AsyncSession], org: Org, service_id: int, **values: Any) -> int:
+    now = datetime.now(UTC)
+    base: dict[str, Any] = {
+        "org_id": org.id,
+        "service_id": service_id,
+        "incident_key": f"issue:{uuid.uuid4().hex}",
+        "title": "t",
+        "first_seen_at": now,
+        "last_seen_at": now,
+    }
+    async with sessions() as session, session.begin():
+        result = await session.execute(insert(Incident).values(**{**base, **values}).returning(Incident.id))
+        incident_id: int = result.scalar_one()
+    return incident_id
+
+
 def error(response: httpx.Response, status: int, field: str | None = None) -> dict[str, Any]:
     assert response.status_code == status, response.text
     detail: dict[str, Any] = response.json()["error"]
@@ -216,15 +232,7 @@ async def test_edit_changes_the_service_only_and_never_moves_incidents(
 ) -> None:
     old, new = await service(org, "Old"), await service(org, "New")
     created = await mapping(org, "frontend", old)
-    now = datetime.now(UTC)
-    async with sessions() as session, session.begin():
-        incident_id = await session.scalar(
-            insert(Incident)
-            .values(
-                org_id=org.id, service_id=old, incident_key="issue:1", title="t", first_seen_at=now, last_seen_at=now
-            )
-            .returning(Incident.id)
-        )
+    incident_id = await incident(sessions, org, old)
     edited = await org.client.patch(f"/api/v1/integrations/sentry/mappings/{created['id']}", json={"service_id": new})
     assert edited.status_code == 200
     body = edited.json()
@@ -320,15 +328,8 @@ async def test_audit_and_incident_lists_filter_and_paginate(
     assert [r["project_slug"] for r in only["items"]] == ["p0"]
 
     web = await service(org, "Web App")
-    now = datetime.now(UTC)
-    async with sessions() as session, session.begin():
-        for i, status in enumerate(("open", "resolved", "open")):
-            await session.execute(
-                insert(Incident).values(
-                    org_id=org.id, service_id=web, incident_key=f"issue:{i}", title=f"i{i}", status=status,
-                    event_count=1, first_seen_at=now, last_seen_at=now,
-                )
-            )  # fmt: skip
+    for i, status in enumerate(("open", "resolved", "open")):
+        await incident(sessions, org, web, title=f"i{i}", status=status, event_count=1)
     listed = (await org.client.get(f"/api/v1/incidents?service_id={web}&status=open")).json()
     assert [i["title"] for i in listed["items"]] == ["i2", "i0"] and listed["next"] is None
     assert (await other.client.get("/api/v1/incidents")).json()["items"] == []
@@ -398,15 +399,9 @@ async def test_incident_timeline_lists_what_touched_it_and_hides_other_orgs(
     org: Org, other: Org, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     web = await service(org, "Web App")
+    incident_id = await incident(sessions, org, web)
     now = datetime.now(UTC)
     async with sessions() as session, session.begin():
-        incident_id = await session.scalar(
-            insert(Incident)
-            .values(
-                org_id=org.id, service_id=web, incident_key="issue:7", title="t", first_seen_at=now, last_seen_at=now
-            )
-            .returning(Incident.id)
-        )
         for delivery, resource, action, change in (
             ("d1", "issue", "created", "opened"),
             ("d2", "comment", "created", "attached"),

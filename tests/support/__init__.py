@@ -58,7 +58,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
 def blametrail_command() -> list[str]:
     """The installed ``blametrail`` console command of this interpreter's environment."""
     script = Path(sys.executable).with_name("blametrail")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "shared.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
 class ServiceProcess:

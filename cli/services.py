@@ -1,0 +1,94 @@
+"""The long-running services (``ingest``, ``admin``, ``router``, ``writer``) and the one-shot setup
+commands (``migrate``, ``topics create``). Each command imports only what it runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from shared.logs import setup_logging
+from shared.settings import Settings
+
+
+def _serve_http(app_factory: str, args: argparse.Namespace, host: str, port: int, **options: Any) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        app_factory,
+        factory=True,
+        host=args.host or host,
+        port=args.port or port,
+        log_level=args.log_level.lower(),
+        **options,
+    )
+
+
+def run_ingest(args: argparse.Namespace, settings: Settings) -> None:
+    _serve_http(
+        "ingest.app:create_app",
+        args,
+        settings.ingest_host,
+        settings.ingest_port,
+        workers=args.workers or settings.ingest_workers,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=10,
+        access_log=False,
+    )
+
+
+def run_admin(args: argparse.Namespace, settings: Settings) -> None:
+    _serve_http("admin.app:create_app", args, settings.admin_host, settings.admin_port)
+
+
+def run_router(args: argparse.Namespace, settings: Settings) -> None:
+    from router.consumer import Router
+    from shared.runtime import run_until_signalled, serve_metrics
+
+    setup_logging(args.log_level)
+    serve_metrics(settings.router_metrics_port)
+    run_until_signalled(lambda stop: Router(settings).run(stop))
+
+
+def run_writer(args: argparse.Namespace, settings: Settings) -> None:
+    from incident_writer.consumer import IncidentWriter
+    from shared.runtime import run_until_signalled, serve_metrics
+
+    setup_logging(args.log_level)
+    serve_metrics(settings.writer_metrics_port)
+    run_until_signalled(lambda stop: IncidentWriter(settings).run(stop))
+
+
+def migrate(args: argparse.Namespace, settings: Settings) -> None:
+    from shared.db.migrate import upgrade
+
+    upgrade(settings)
+    print("database is at the latest schema")
+
+
+def create_topics(args: argparse.Namespace, settings: Settings) -> None:
+    from shared.kafka import create_topics
+    from shared.topics import Topics
+
+    created = asyncio.run(create_topics(settings, args.partitions))
+    for name in Topics.from_settings(settings).all():
+        print(f"{name}: {'created' if name in created else 'exists'}")
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, func in (("ingest", run_ingest), ("admin", run_admin)):
+        p = sub.add_parser(name, help=f"run the {name} HTTP service")
+        p.add_argument("--host")
+        p.add_argument("--port", type=int)
+        if name == "ingest":
+            p.add_argument("--workers", type=int)
+        p.set_defaults(func=func)
+    sub.add_parser("router", help="run the router consumer").set_defaults(func=run_router)
+    sub.add_parser("writer", help="run the incident writer consumer").set_defaults(func=run_writer)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=migrate)
+
+    topics = sub.add_parser("topics", help="Kafka topics").add_subparsers(dest="action", required=True)
+    p = topics.add_parser("create", help="create the four topics if missing")
+    p.add_argument("--partitions", type=int)
+    p.set_defaults(func=create_topics)
