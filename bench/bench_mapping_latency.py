@@ -18,6 +18,7 @@ import uuid
 from sqlalchemy import insert, update
 
 from router.cache import MappingCache
+from router.routing import OrgMappings
 from shared.db.migrate import upgrade
 from shared.db.models import Organization, SentryProjectMapping, Service
 from shared.db.session import create_engine, libpq_url, sessionmaker
@@ -67,7 +68,12 @@ async def main(orgs: int, per_org: int, changes: int) -> None:
             )
         committed = time.perf_counter()
         deadline = committed + 10
-        while (cache.lookup(target_org) or {})["p0"].active != active:
+
+        def applied(active: bool = active) -> bool:
+            entry = (cache.lookup(target_org) or OrgMappings()).get("p0")
+            return entry is not None and entry.active == active
+
+        while not applied():
             if time.perf_counter() > deadline:
                 raise SystemExit(f"change {i} not applied within 10 s")
             await asyncio.sleep(0.001)

@@ -17,9 +17,10 @@ from shared.db.models import IncidentStatus
 
 
 class IncidentAction(StrEnum):
-    OCCURRENCE = "occurrence"  # opens, or updates (count, last seen, level) and reopens
-    RESOLVE = "resolve"
-    REOPEN = "reopen"
+    OCCURRENCE = "occurrence"  # opens, or updates (count, last seen, level); reopens a resolved one
+    RESOLVE = "resolve"  # open or archived → resolved
+    REOPEN = "reopen"  # resolved or archived → open
+    ARCHIVE = "archive"  # open or resolved → archived (muted: occurrences count, nothing else reopens)
     ATTACH = "attach"  # no incident change: linked to the incident when one exists
 
 
@@ -27,14 +28,16 @@ class Change(StrEnum):
     """What one event did to its incident: the timeline's ``change`` and the metric's label."""
 
     OPENED = "opened"  # first occurrence: the incident now exists
-    UPDATED = "updated"  # another occurrence of an open incident
-    RESOLVED = "resolved"  # open → resolved
-    REOPENED = "reopened"  # resolved → open, by ``issue.unresolved`` or a new occurrence
+    UPDATED = "updated"  # another occurrence of an open or archived incident
+    RESOLVED = "resolved"  # open or archived → resolved
+    REOPENED = "reopened"  # resolved → open by a new occurrence; resolved or archived → open by a reopen
+    ARCHIVED = "archived"  # open or resolved → archived
     ATTACHED = "attached"  # on the timeline, state unchanged (comment, assignment, repeated resolve, …)
 
 
 OPEN = IncidentStatus.OPEN
 RESOLVED = IncidentStatus.RESOLVED
+ARCHIVED = IncidentStatus.ARCHIVED
 
 _OCCURRENCES = {
     (sentry.ISSUE, "created"),
@@ -46,13 +49,30 @@ _OCCURRENCES = {
 }
 _RESOLVES = {(sentry.ISSUE, "resolved"), (sentry.METRIC_ALERT, "resolved")}
 _REOPENS = {(sentry.ISSUE, "unresolved")}
+# ``issue.ignored`` is the UI's "Archive"; installations subscribed to the old name get ``issue.archived``.
+_ARCHIVES = {(sentry.ISSUE, "ignored"), (sentry.ISSUE, "archived")}
+
+# ``activity_alert.triggered`` acts by ``data.activity.type``; other types (pull requests, seer) attach.
+ACTIVITY_ACTIONS = {
+    "status_resolved": IncidentAction.RESOLVE,
+    "status_resolved_in_release": IncidentAction.RESOLVE,
+    "status_resolved_by_age": IncidentAction.RESOLVE,
+    "status_resolved_in_commit": IncidentAction.RESOLVE,
+    "status_unresolved": IncidentAction.REOPEN,
+    "status_regression": IncidentAction.REOPEN,
+    "status_escalating": IncidentAction.REOPEN,
+    "status_ignored": IncidentAction.ARCHIVE,
+}
 
 # Ascending severity; an incident's level only ever escalates.
 LEVELS = ("debug", "info", "warning", "error", "critical", "fatal")
 
 
-def incident_action(resource: str, action: str) -> IncidentAction:
-    """The incident action of a Sentry ``resource`` + ``action``; anything unknown only attaches."""
+def incident_action(resource: str, action: str, activity_type: str | None = None) -> IncidentAction:
+    """The incident action of a Sentry ``resource`` + ``action`` (+ an activity alert's type);
+    anything unknown only attaches."""
+    if resource == sentry.ACTIVITY_ALERT:
+        return ACTIVITY_ACTIONS.get(activity_type or "", IncidentAction.ATTACH)
     key = (resource, action)
     if key in _OCCURRENCES:
         return IncidentAction.OCCURRENCE
@@ -60,6 +80,8 @@ def incident_action(resource: str, action: str) -> IncidentAction:
         return IncidentAction.RESOLVE
     if key in _REOPENS:
         return IncidentAction.REOPEN
+    if key in _ARCHIVES:
+        return IncidentAction.ARCHIVE
     return IncidentAction.ATTACH
 
 
@@ -151,10 +173,12 @@ def _step(current: IncidentState | None, touch: Touch) -> tuple[IncidentState, C
     if touch.action is IncidentAction.OCCURRENCE:
         if current is None:
             return _opened(touch), Change.OPENED
+        # An archived issue stays muted: its occurrences count, but only a reopen unmutes it.
+        status = ARCHIVED if current.status == ARCHIVED else OPEN
         change = Change.REOPENED if current.status == RESOLVED else Change.UPDATED
         return replace(
             current,
-            status=OPEN,
+            status=status,
             resolved_at=None,
             event_count=current.event_count + 1,
             level=escalate(current.level, touch.level),
@@ -165,10 +189,12 @@ def _step(current: IncidentState | None, touch: Touch) -> tuple[IncidentState, C
             sentry_issue_id=current.sentry_issue_id or touch.sentry_issue_id,
         ), change
     assert current is not None, "only an occurrence can open an incident"
-    if touch.action is IncidentAction.RESOLVE and current.status == OPEN:
+    if touch.action is IncidentAction.RESOLVE and current.status != RESOLVED:
         return replace(current, status=RESOLVED, resolved_at=touch.received_at), Change.RESOLVED
-    if touch.action is IncidentAction.REOPEN and current.status == RESOLVED:
+    if touch.action is IncidentAction.REOPEN and current.status != OPEN:
         return replace(current, status=OPEN, resolved_at=None), Change.REOPENED
+    if touch.action is IncidentAction.ARCHIVE and current.status != ARCHIVED:
+        return replace(current, status=ARCHIVED, resolved_at=None), Change.ARCHIVED
     return current, Change.ATTACHED
 
 

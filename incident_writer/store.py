@@ -38,7 +38,7 @@ from typing import Any
 from typing import cast as typed
 
 import orjson
-from sqlalchemy import Row, Table, Text, bindparam, cast, func, literal_column, select, tuple_, update
+from sqlalchemy import Row, Table, Text, bindparam, cast, func, literal_column, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -167,7 +167,61 @@ async def write_batch(session: AsyncSession, batch: Sequence[OutputEvent]) -> Ba
             groups.setdefault(key, []).append(_New(audit_id, event, _touch(event)))
     if groups:
         await _apply_incidents(session, groups, existing, org_ids, result)
+    await _learn_projects(session, [event for _, event in new], org_ids)
     return result
+
+
+_LEARN_MAPPINGS = text(
+    """
+    UPDATE sentry_project_mappings AS m
+    SET sentry_project_id = coalesce(m.sentry_project_id, v.project_id),
+        renamed_to = CASE WHEN v.renamed THEN v.slug ELSE m.renamed_to END
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(mapping_id bigint, project_id text, slug text, renamed boolean)
+    WHERE m.id = v.mapping_id
+      AND ((NOT v.renamed AND m.sentry_project_id IS NULL AND v.project_id IS NOT NULL)
+           OR (v.renamed AND m.renamed_to IS DISTINCT FROM v.slug))
+    """
+)
+_LEARN_ISSUES = text(
+    """
+    INSERT INTO sentry_issue_projects AS i (org_id, sentry_issue_id, sentry_project_id, project_slug)
+    SELECT v.org_id, v.issue_id, v.project_id, v.slug
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(org_id bigint, issue_id text, project_id text, slug text)
+    ORDER BY v.org_id, v.issue_id
+    ON CONFLICT (org_id, sentry_issue_id) DO UPDATE
+    SET project_slug = excluded.project_slug,
+        sentry_project_id = coalesce(excluded.sentry_project_id, i.sentry_project_id),
+        updated_at = now()
+    WHERE i.project_slug IS DISTINCT FROM excluded.project_slug
+       OR (excluded.sentry_project_id IS NOT NULL AND i.sentry_project_id IS DISTINCT FROM excluded.sentry_project_id)
+    """
+)
+
+
+async def _learn_projects(session: AsyncSession, events: Sequence[OutputEvent], org_ids: dict[str, int]) -> None:
+    """What new deliveries teach about Sentry projects (at most two statements, rows in key order):
+
+    - a mapping's project id, from a delivery that reached it under its own slug with an id;
+    - a rename, from a delivery that reached a mapping under another slug (``renamed_to``);
+    - the issue → project index, from every delivery that pairs an issue with a project.
+
+    A changed mapping row fires the mappings NOTIFY, so routers reload and route by the id at once.
+    """
+    mappings: dict[int, dict[str, object]] = {}
+    issues: dict[tuple[int, str], dict[str, object]] = {}
+    for e in events:
+        if e.mapping_id is not None and e.project_slug and (e.renamed_from or e.project_id):
+            renamed = e.renamed_from is not None
+            mappings[e.mapping_id] = {"mapping_id": e.mapping_id, "project_id": e.project_id, "slug": e.project_slug,
+                                      "renamed": renamed}  # fmt: skip
+        org_id = org_ids.get(e.org)
+        if org_id is not None and e.sentry_issue_id and e.project_slug:
+            issues[(org_id, e.sentry_issue_id)] = {"org_id": org_id, "issue_id": e.sentry_issue_id,
+                                                   "project_id": e.project_id, "slug": e.project_slug}  # fmt: skip
+    if mappings:
+        await session.execute(_LEARN_MAPPINGS, _json([mappings[k] for k in sorted(mappings)]))
+    if issues:
+        await session.execute(_LEARN_ISSUES, _json([issues[k] for k in sorted(issues)]))
 
 
 def _clean(event: OutputEvent) -> OutputEvent:
@@ -196,7 +250,7 @@ def _utc(moment: datetime) -> datetime:
 def _touch(event: RoutedEvent) -> Touch:
     return Touch(
         delivery_id=event.delivery_id,
-        action=incident_action(event.resource, event.action),
+        action=incident_action(event.resource, event.action, event.activity_type),
         seen_at=_utc(event.occurred_at or event.received_at),
         received_at=_utc(event.received_at),
         title=event.title or f"{event.resource} in {event.project_slug}",
@@ -283,6 +337,7 @@ _AUDIT_FROM_EVENT = (
     "sentry_issue_id",
     "title",
     "received_at",
+    "renamed_from",
 )
 _AUDIT_COLUMNS = (*_AUDIT_FROM_EVENT, "org_id", "org_slug", "reason", "raw_topic", "raw_partition", "raw_offset",
                   "incident_id")  # fmt: skip

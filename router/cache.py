@@ -9,19 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
 
 import psycopg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from router.routing import MappingEntry
+from router.routing import MappingEntry, OrgMappings
 from shared import metrics
-from shared.db.models import MAPPINGS_CHANNEL, Organization, SentryProjectMapping
+from shared.db.models import MAPPINGS_CHANNEL, Organization, SentryIssueProject, SentryProjectMapping
+from shared.sentry import ProjectRef
 
 log = logging.getLogger("blametrail.router.cache")
-
-OrgMappings = dict[str, MappingEntry]
 
 
 class MappingCache:
@@ -35,8 +34,8 @@ class MappingCache:
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = asyncio.Event()
 
-    def lookup(self, org: str) -> Mapping[str, MappingEntry] | None:
-        """The org's mappings by project slug, or None when the org does not exist."""
+    def lookup(self, org: str) -> OrgMappings | None:
+        """The org's mappings, or None when the org does not exist."""
         return self._orgs.get(org)
 
     @property
@@ -45,24 +44,28 @@ class MappingCache:
 
     async def load(self, trigger: str = "start") -> None:
         started = time.perf_counter()
-        orgs: dict[str, OrgMappings] = {}
+        entries: dict[str, list[MappingEntry]] = {}
         async with self._sessions() as session:
             for (slug,) in await session.execute(select(Organization.slug)):
-                orgs[slug] = {}
+                entries[slug] = []
             rows = await session.execute(
                 select(
                     Organization.slug,
-                    SentryProjectMapping.sentry_project_slug,
                     SentryProjectMapping.id,
                     SentryProjectMapping.service_id,
                     SentryProjectMapping.active,
+                    SentryProjectMapping.sentry_project_slug,
+                    SentryProjectMapping.sentry_project_id,
+                    SentryProjectMapping.renamed_to,
                 ).join(Organization, Organization.id == SentryProjectMapping.org_id)
             )
-            for org, project, mapping_id, service_id, active in rows:
-                orgs.setdefault(org, {})[project] = MappingEntry(mapping_id, service_id, active)
-        self._orgs = orgs
+            for org, mapping_id, service_id, active, slug, project_id, renamed_to in rows:
+                entries.setdefault(org, []).append(
+                    MappingEntry(mapping_id, service_id, active, slug, project_id, renamed_to)
+                )
+        self._orgs = {org: OrgMappings.of(mappings) for org, mappings in entries.items()}
         self._loaded_at = time.monotonic()
-        metrics.MAPPING_CACHE_ENTRIES.set(sum(len(m) for m in orgs.values()))
+        metrics.MAPPING_CACHE_ENTRIES.set(sum(len(m) for m in entries.values()))
         metrics.MAPPING_CACHE_REFRESHES.labels(trigger=trigger).inc()
         metrics.MAPPING_CACHE_REFRESH_SECONDS.observe(time.perf_counter() - started)
 
@@ -113,3 +116,37 @@ class MappingCache:
                 log.warning("mapping LISTEN connection lost (%r); reconnecting in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10)
+
+
+class IssueProjects:
+    """The issue → project index (``sentry_issue_projects``, written by the incident writer), for
+    deliveries that name only a Sentry issue (seer). Pairs found are kept in a bounded LRU: an
+    issue's project never changes. Not found is not remembered: the pair may be learned any moment.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], size: int = 10_000) -> None:
+        self._sessions = sessions
+        self._size = size
+        self._found: OrderedDict[tuple[str, str], ProjectRef] = OrderedDict()
+
+    async def lookup(self, org: str, sentry_issue_id: str) -> ProjectRef | None:
+        key = (org, sentry_issue_id)
+        found = self._found.get(key)
+        if found is not None:
+            self._found.move_to_end(key)
+            return found
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(SentryIssueProject.project_slug, SentryIssueProject.sentry_project_id)
+                    .join(Organization, Organization.id == SentryIssueProject.org_id)
+                    .where(Organization.slug == org, SentryIssueProject.sentry_issue_id == sentry_issue_id)
+                )
+            ).first()
+        if row is None:
+            return None
+        project = ProjectRef(slug=row.project_slug, id=row.sentry_project_id)
+        self._found[key] = project
+        if len(self._found) > self._size:
+            self._found.popitem(last=False)
+        return project

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from router.cache import MappingCache
-from router.routing import route
+from router.cache import IssueProjects, MappingCache
+from router.routing import OrgMappings, route
 from shared import events, metrics
 from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Step
 from shared.db.session import create_engine, libpq_url, sessionmaker
 from shared.kafka import Headers, header_map, make_consumer, make_producer
-from shared.sentry import parse_webhook
+from shared.sentry import ParsedWebhook, parse_webhook
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -51,8 +51,29 @@ def _received_at(text: str | None, fallback_ms: int) -> datetime:
     return datetime.fromtimestamp(fallback_ms / 1000, tz=events.utc_now().tzinfo)
 
 
-def route_record(record: ConsumerRecord, cache: MappingCache, topics: Topics) -> list[Output]:
-    """Outputs for one raw record; raises :class:`Undecodable` when it cannot be read at all."""
+@dataclass(frozen=True)
+class Delivery:
+    """One raw record, read: who sent it, what it says, and where it came from."""
+
+    org: str
+    parsed: ParsedWebhook
+    delivery_id: str
+    received_at: datetime
+    raw: events.RawRef
+    key: bytes | None
+
+    @property
+    def issue_only(self) -> bool:
+        """Names a Sentry issue but no project (seer): the issue → project index may know it."""
+        return self.parsed.known_resource and not self.parsed.projects and self.parsed.sentry_issue_id is not None
+
+
+def decode_record(record: ConsumerRecord) -> Delivery:
+    """Read one raw record; raises :class:`Undecodable` when it cannot be read at all.
+
+    ``delivery_id`` and ``received_at`` come from ingest's headers; the fallbacks (recomputing the
+    id, the record's timestamp) are for records of older producers that did not set them.
+    """
     headers = header_map(record.headers)
     org = headers.get(events.H_ORG)
     if not org:
@@ -63,23 +84,37 @@ def route_record(record: ConsumerRecord, cache: MappingCache, topics: Topics) ->
         decoded = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise Undecodable(f"body is not JSON: {exc}") from exc
-    parsed = parse_webhook(resource, decoded)
-    delivery = headers.get(events.H_DELIVERY_ID) or events.delivery_id(org, resource, body)
-    raw = events.RawRef(topic=record.topic, partition=record.partition, offset=record.offset)
-    received_at = _received_at(headers.get(events.H_RECEIVED_AT), record.timestamp)
-    out_headers: Headers = [(events.H_ORG, org.encode()), (events.H_DELIVERY_ID, delivery.encode())]
+    return Delivery(
+        org=org,
+        parsed=parse_webhook(resource, decoded),
+        delivery_id=headers.get(events.H_DELIVERY_ID) or events.delivery_id(org, resource, body),
+        received_at=_received_at(headers.get(events.H_RECEIVED_AT), record.timestamp),
+        raw=events.RawRef(topic=record.topic, partition=record.partition, offset=record.offset),
+        key=record.key,
+    )
+
+
+def route_delivery(delivery: Delivery, org_mappings: OrgMappings | None, topics: Topics) -> list[Output]:
+    """The routed/ignored outputs of one delivery under the org's mappings (None: unknown org)."""
+    out_headers: Headers = [
+        (events.H_ORG, delivery.org.encode()),
+        (events.H_DELIVERY_ID, delivery.delivery_id.encode()),
+    ]
     outputs = []
-    for decision in route(parsed, cache.lookup(org)):
+    for decision in route(delivery.parsed, org_mappings):
         project = decision.project
         fields = events.event_fields(
-            parsed,
-            delivery=delivery,
-            org=org,
+            delivery.parsed,
+            delivery=delivery.delivery_id,
+            org=delivery.org,
             project_slug=project.slug if project else None,
             project_id=project.id if project else None,
-            received_at=received_at,
-            raw=raw,
+            received_at=delivery.received_at,
+            raw=delivery.raw,
         )
+        fields["renamed_from"] = decision.renamed_from
+        if decision.renamed_from is not None:
+            metrics.ROUTER_RENAMED_PROJECTS.inc()
         event: events.OutputEvent
         if decision.routed and decision.mapping is not None:
             event = events.RoutedEvent(**fields, service_id=decision.mapping.service_id, mapping_id=decision.mapping.id)
@@ -95,7 +130,7 @@ def route_record(record: ConsumerRecord, cache: MappingCache, topics: Topics) ->
             )
             topic, reason = topics.ignored, decision.reason.value
         metrics.ROUTER_EVENTS.labels(outcome=event.outcome, reason=reason).inc()
-        outputs.append(Output(topic, record.key, event.model_dump_json().encode(), out_headers))
+        outputs.append(Output(topic, delivery.key, event.model_dump_json().encode(), out_headers))
     return outputs
 
 
@@ -108,8 +143,9 @@ class RouterStep(Step):
 
     name = "router"
 
-    def __init__(self, cache: MappingCache, topics: Topics, producer: AIOKafkaProducer) -> None:
+    def __init__(self, cache: MappingCache, issues: IssueProjects, topics: Topics, producer: AIOKafkaProducer) -> None:
         self.cache = cache
+        self.issues = issues
         self.topics = topics
         self.producer = producer
 
@@ -118,15 +154,26 @@ class RouterStep(Step):
         dead = []
         for record in batch:
             try:
-                outputs = route_record(record, self.cache, self.topics)
+                delivery = decode_record(record)
             except Undecodable as exc:
                 dead.append(DeadLetter(record, str(exc), "router.decode"))
                 continue
+            org_mappings = self.cache.lookup(delivery.org)
+            if delivery.issue_only and org_mappings is not None:
+                delivery = await self._with_issue_project(delivery)
+            outputs = route_delivery(delivery, org_mappings, self.topics)
             for out in outputs:
                 sends.append(await self.producer.send(out.topic, value=out.value, key=out.key, headers=out.headers))
         await asyncio.gather(*sends)
         metrics.MAPPING_CACHE_AGE.set(self.cache.age_seconds)
         return dead
+
+    async def _with_issue_project(self, delivery: Delivery) -> Delivery:
+        assert delivery.parsed.sentry_issue_id is not None
+        project = await self.issues.lookup(delivery.org, delivery.parsed.sentry_issue_id)
+        if project is None:
+            return delivery
+        return replace(delivery, parsed=replace(delivery.parsed, projects=(project,)))
 
 
 class Router:
@@ -135,7 +182,8 @@ class Router:
     def __init__(self, settings: Settings) -> None:
         self.topics = Topics.from_settings(settings)
         self._engine = create_engine(settings, pool_size=2)
-        self.cache = MappingCache(sessionmaker(self._engine), libpq_url(settings), settings.mapping_refresh_seconds)
+        sessions = sessionmaker(self._engine)
+        self.cache = MappingCache(sessions, libpq_url(settings), settings.mapping_refresh_seconds)
         producer = make_producer(settings, client_id="blametrail-router")
         config = ConsumerConfig(
             group=settings.router_group,
@@ -148,7 +196,9 @@ class Router:
             dlq_window=settings.router_dlq_window,
         )
         consumer = make_consumer(settings, group_id=config.group, client_id="blametrail-router")
-        self.runtime = ConsumerRuntime(config, RouterStep(self.cache, self.topics, producer), consumer, producer)
+        self.runtime = ConsumerRuntime(
+            config, RouterStep(self.cache, IssueProjects(sessions), self.topics, producer), consumer, producer
+        )
 
     @property
     def consumer(self) -> AIOKafkaConsumer:

@@ -79,6 +79,8 @@ class SentryFields(BaseModel):
     culprit: str | None = None
     web_url: str | None = None
     occurred_at: datetime | None = None
+    # Extension: an ``activity_alert``'s ``data.activity.type`` (it decides the incident's state).
+    activity_type: str | None = None
 
 
 SENTRY_FIELDS = tuple(SentryFields.model_fields)
@@ -92,6 +94,8 @@ class _Event(SentryFields):
     project_id: str | None = None
     received_at: datetime
     raw: RawRef
+    # Extension: the mapping's slug when the delivery named the project by a new slug (renamed in Sentry).
+    renamed_from: str | None = None
 
 
 class RoutedEvent(_Event):

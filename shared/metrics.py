@@ -58,6 +58,10 @@ INGEST_PRODUCER_RESTARTS = Counter("blametrail_ingest_producer_restarts_total", 
 
 # Router
 ROUTER_EVENTS = Counter("blametrail_router_events_total", "Events routed or ignored, by reason", ["outcome", "reason"])
+ROUTER_RENAMED_PROJECTS = Counter(
+    "blametrail_router_renamed_projects_total",
+    "Events of a project renamed in Sentry, routed by its project id to the mapping of its old slug",
+)
 MAPPING_CACHE_ENTRIES = Gauge("blametrail_router_mapping_cache_entries", "Mappings in the router cache")
 MAPPING_CACHE_AGE = Gauge(
     "blametrail_router_mapping_cache_age_seconds", "Seconds since the mapping cache was last refreshed"

@@ -8,7 +8,7 @@ turns into an ``ignored`` event with reason ``no_project``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,6 +55,8 @@ class ParsedWebhook:
     culprit: str | None = None
     web_url: str | None = None
     occurred_at: datetime | None = None
+    # ``activity_alert``: what happened to the issue (``data.activity.type``, e.g. ``status_resolved``).
+    activity_type: str | None = None
 
     @property
     def known_resource(self) -> bool:
@@ -209,8 +211,11 @@ def _parse_comment(action: str, data: dict[str, Any]) -> ParsedWebhook:
 def _parse_activity_alert(action: str, data: dict[str, Any]) -> ParsedWebhook:
     parsed = _parse_issue(action, data)
     alert = _obj(data.get("alert"))
-    return ParsedWebhook(
-        **{**parsed.__dict__, "resource": ACTIVITY_ALERT, "web_url": parsed.web_url or _text(alert.get("web_url"))}
+    return replace(
+        parsed,
+        resource=ACTIVITY_ALERT,
+        web_url=parsed.web_url or _text(alert.get("web_url")),
+        activity_type=_text(_obj(data.get("activity")).get("type"), 64),
     )
 
 

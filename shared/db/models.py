@@ -37,6 +37,7 @@ class IncidentStatus(StrEnum):
     """An incident's ``status``: the one list of its values (API, CLI, web page and writer use it)."""
 
     OPEN = "open"
+    ARCHIVED = "archived"  # Sentry's "Archive" (ignored): muted until the issue is unresolved
     RESOLVED = "resolved"
 
 
@@ -110,6 +111,7 @@ class SentryProjectMapping(Base):
             ondelete="RESTRICT",
         ),
         Index("ix_sentry_project_mappings_service_id", "service_id"),
+        Index("ix_sentry_project_mappings_org_id_sentry_project_id", "org_id", "sentry_project_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -117,6 +119,10 @@ class SentryProjectMapping(Base):
     sentry_project_slug: Mapped[str] = mapped_column(String(100), nullable=False)
     service_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
     active: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="true")
+    # Sentry's numeric project id: stable when the project is renamed (given, or learned by the writer).
+    sentry_project_id: Mapped[str | None] = mapped_column(String(64))
+    # The slug Sentry now sends for this project, when it differs from ``sentry_project_slug``.
+    renamed_to: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now(), nullable=False
@@ -182,6 +188,25 @@ class AuditRecord(Base):
     raw_topic: Mapped[str] = mapped_column(String(249), nullable=False)
     raw_partition: Mapped[int] = mapped_column(Integer, nullable=False)
     raw_offset: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # The mapping's slug when the delivery reached it under another slug (a project renamed in Sentry).
+    renamed_from: Mapped[str | None] = mapped_column(String(100))
+
+
+class SentryIssueProject(Base):
+    """The issue → project index: which project each Sentry issue belongs to, as deliveries paired them.
+
+    Deliveries that name only the issue (seer) resolve their project here.
+    """
+
+    __tablename__ = "sentry_issue_projects"
+
+    org_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    sentry_issue_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sentry_project_id: Mapped[str | None] = mapped_column(String(64))
+    project_slug: Mapped[str] = mapped_column(String(100), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
 
 
 class IncidentEvent(Base):

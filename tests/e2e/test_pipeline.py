@@ -5,129 +5,30 @@ A signed webhook goes in over HTTP; incidents and audit records come out in Post
 
 from __future__ import annotations
 
-import json
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.db.models import AuditRecord, Incident, IncidentEvent, Organization, Service
-from shared.kafka import create_topics
-from shared.settings import Settings
-from tests.support import (
-    PRODUCT_PAGE_EXAMPLE,
-    ServiceProcess,
-    blametrail_command,
-    free_port,
-    settings_env,
-    signed_headers,
-    wait_until,
+from shared.db.models import AuditRecord, Incident, Service
+from tests.support import signed_headers, wait_until
+from tests.support.sentry import event_url, issue_body, payloads_dir, project_id
+from tests.support.stack import (
+    Stack,
+    audit_for,
+    audit_of,
+    body_of,
+    incident_by_key,
+    incidents_for,
+    post,
+    service_name,
 )
-from tests.support.sentry import issue_body, payloads_dir
+from tests.support.writer import timeline
 
 pytestmark = pytest.mark.integration
-
-EXAMPLE = PRODUCT_PAGE_EXAMPLE
-
-
-@dataclass
-class Stack:
-    settings: Settings
-    org: str
-    secret: str
-    webhook_url: str
-    processes: list[ServiceProcess]
-    client: httpx.AsyncClient
-
-
-def cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([*blametrail_command(), *args], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"blametrail {' '.join(args)} failed: {done.stderr}"
-    return done.stdout
-
-
-@pytest.fixture(scope="module")
-async def stack(topics: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    port = free_port()
-    # Topics and groups of its own: other modules publish deliberately bad records to the session's
-    # topics, which this stack's router must not see.
-    prefix = f"e2e-{uuid.uuid4().hex[:8]}."
-    settings = topics.model_copy(
-        update={
-            "topic_prefix": prefix,
-            "router_group": prefix + "router",
-            "writer_group": prefix + "writer",
-            "ingest_port": port,
-            "public_url": f"http://127.0.0.1:{port}",
-            "router_metrics_port": free_port(),
-            "writer_metrics_port": free_port(),
-        }
-    )
-    await create_topics(settings)
-    env = settings_env(settings)
-    org = f"e2e-{uuid.uuid4().hex[:10]}"
-    created = json.loads(cli(env, "org", "create", org, "--name", "E2E Org"))
-    assert set(created) == {"org", "api_token", "webhook_url", "client_secret"}
-    assert created["webhook_url"] == f"http://127.0.0.1:{port}/webhooks/sentry/{org}"
-    for project, service, active in EXAMPLE:
-        cli(env, "service", "create", "--org", org, service)
-        cli(env, "mapping", "add", "--org", org, project, "--service", service, *([] if active else ["--inactive"]))
-
-    log_dir = tmp_path_factory.mktemp("services")
-    processes = [ServiceProcess(name, env, log_dir) for name in ("ingest", "router", "writer")]
-    client = httpx.AsyncClient(timeout=5.0)
-
-    async def ingest_ready() -> bool:
-        for p in processes:
-            assert p.alive(), f"{p.command} exited:\n{p.output()}"
-        try:
-            return (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        await wait_until(ingest_ready, within=60, what="ingest /readyz")
-        yield Stack(settings, org, created["client_secret"], created["webhook_url"], processes, client)
-    finally:
-        await client.aclose()
-        codes = {p.command: p.stop() for p in processes}
-        for p in processes:
-            print(f"----- {p.command} (exit {codes[p.command]})\n{p.output()[-4000:]}")
-        # uvicorn re-raises SIGTERM after its graceful shutdown: -15 is its clean exit.
-        assert codes["ingest"] in (0, -15) and codes["router"] == codes["writer"] == 0, (
-            f"services did not shut down cleanly: {codes}"
-        )
-
-
-async def post(stack: Stack, body: bytes, resource: str = "issue") -> httpx.Response:
-    return await stack.client.post(
-        stack.webhook_url, content=body, headers=signed_headers(stack.secret, body, resource)
-    )
-
-
-async def audit_for(sessions: async_sessionmaker[AsyncSession], org: str, project: str) -> list[AuditRecord]:
-    async with sessions() as session:
-        rows = await session.scalars(
-            select(AuditRecord).where(AuditRecord.org_slug == org, AuditRecord.project_slug == project)
-        )
-        return list(rows)
-
-
-async def incidents_for(sessions: async_sessionmaker[AsyncSession], org: str, issue_id: str) -> list[Incident]:
-    async with sessions() as session:
-        rows = await session.scalars(
-            select(Incident)
-            .join(Organization, Organization.id == Incident.org_id)
-            .where(Organization.slug == org, Incident.sentry_issue_id == issue_id)
-        )
-        return list(rows)
 
 
 async def test_mapped_project_becomes_incident_on_mapped_service(
@@ -219,51 +120,6 @@ def test_payload_dir_exists() -> None:
 # --- every incident-bearing resource, webhook in → incident, timeline and audit out ----------
 
 
-def body_of(name: str, edit: Callable[[dict[str, Any]], None]) -> bytes:
-    """A payload of the team's Sentry corpus, edited for this test (projects, ids)."""
-    body: dict[str, Any] = json.loads((payloads_dir() / name).read_bytes())
-    edit(body)
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def event_url(org: str, project: str, event_id: str) -> str:
-    return f"https://sentry.io/api/0/projects/{org}/{project}/events/{event_id}/"
-
-
-async def incident_by_key(sessions: async_sessionmaker[AsyncSession], org: str, key: str) -> list[Incident]:
-    async with sessions() as session:
-        rows = await session.scalars(
-            select(Incident)
-            .join(Organization, Organization.id == Incident.org_id)
-            .where(Organization.slug == org, Incident.incident_key == key)
-            .order_by(Incident.id)
-        )
-        return list(rows)
-
-
-async def timeline_of(sessions: async_sessionmaker[AsyncSession], incident_id: int) -> list[IncidentEvent]:
-    async with sessions() as session:
-        rows = await session.scalars(
-            select(IncidentEvent).where(IncidentEvent.incident_id == incident_id).order_by(IncidentEvent.id)
-        )
-        return list(rows)
-
-
-async def audit_of(sessions: async_sessionmaker[AsyncSession], org: str, resource: str) -> list[AuditRecord]:
-    async with sessions() as session:
-        rows = await session.scalars(
-            select(AuditRecord).where(AuditRecord.org_slug == org, AuditRecord.resource == resource)
-        )
-        return list(rows)
-
-
-async def service_name(sessions: async_sessionmaker[AsyncSession], service_id: int) -> str:
-    async with sessions() as session:
-        service = await session.get(Service, service_id)
-    assert service is not None
-    return service.name
-
-
 async def test_error_event_alert_and_comment_build_one_incident_with_its_timeline(
     stack: Stack, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
@@ -271,10 +127,12 @@ async def test_error_event_alert_and_comment_build_one_incident_with_its_timelin
 
     def error(body: dict[str, Any]) -> None:
         body["data"]["error"]["issue_id"] = issue
+        body["data"]["error"]["project"] = int(project_id("frontend"))
         body["data"]["error"]["url"] = event_url(stack.org, "frontend", body["data"]["error"]["event_id"])
 
     def event_alert(body: dict[str, Any]) -> None:
         body["data"]["event"]["issue_id"] = issue
+        body["data"]["event"]["project"] = int(project_id("frontend"))
         body["data"]["event"]["url"] = event_url(stack.org, "frontend", body["data"]["event"]["event_id"])
 
     def comment(body: dict[str, Any]) -> None:
@@ -299,7 +157,7 @@ async def test_error_event_alert_and_comment_build_one_incident_with_its_timelin
     assert await service_name(sessions, incident.service_id) == "Web App"
     assert (incident.status, incident.event_count, incident.level) == ("open", 2, "error")
     assert incident.title == "ReferenceError: blooopy is not defined"
-    entries = await timeline_of(sessions, incident.id)
+    entries = await timeline(sessions, incident.id)
     assert [(e.resource, e.change) for e in entries] == [
         ("error", "opened"),
         ("event_alert", "updated"),
@@ -307,7 +165,7 @@ async def test_error_event_alert_and_comment_build_one_incident_with_its_timelin
     ]
     assert entries[2].title == "adding a comment"
     for resource in ("error", "event_alert", "comment"):
-        [record] = await audit_of(sessions, stack.org, resource)
+        [record] = [r for r in await audit_of(sessions, stack.org, resource) if r.sentry_issue_id == issue]
         assert (record.outcome, record.project_slug, record.incident_id) == ("routed", "frontend", incident.id)
 
 
@@ -326,7 +184,7 @@ async def test_issue_lifecycle_resolves_and_reopens_its_incident(
         [incident] = await wait_until(reached, within=60, what=f"incident {status} after issue.{action}")
     assert incident.event_count == 1
     assert await service_name(sessions, incident.service_id) == "Email Worker"
-    assert [e.change for e in await timeline_of(sessions, incident.id)] == ["opened", "resolved", "reopened"]
+    assert [e.change for e in await timeline(sessions, incident.id)] == ["opened", "resolved", "reopened"]
 
 
 async def test_metric_alert_opens_per_service_and_resolves(

@@ -19,6 +19,8 @@ from incident_writer.incidents import IncidentAction, escalate, incident_action
         ("issue", "resolved", IncidentAction.RESOLVE),
         ("metric_alert", "resolved", IncidentAction.RESOLVE),
         ("issue", "unresolved", IncidentAction.REOPEN),
+        ("issue", "ignored", IncidentAction.ARCHIVE),
+        ("issue", "archived", IncidentAction.ARCHIVE),
         ("issue", "assigned", IncidentAction.ATTACH),
         ("comment", "created", IncidentAction.ATTACH),
         ("seer", "root_cause_completed", IncidentAction.ATTACH),
@@ -27,6 +29,26 @@ from incident_writer.incidents import IncidentAction, escalate, incident_action
 )
 def test_incident_action(resource: str, action: str, expected: IncidentAction) -> None:
     assert incident_action(resource, action) is expected
+
+
+@pytest.mark.parametrize(
+    ("activity_type", "expected"),
+    [
+        ("status_resolved", IncidentAction.RESOLVE),
+        ("status_resolved_in_release", IncidentAction.RESOLVE),
+        ("status_resolved_by_age", IncidentAction.RESOLVE),
+        ("status_resolved_in_commit", IncidentAction.RESOLVE),
+        ("status_unresolved", IncidentAction.REOPEN),
+        ("status_regression", IncidentAction.REOPEN),
+        ("status_escalating", IncidentAction.REOPEN),
+        ("status_ignored", IncidentAction.ARCHIVE),
+        ("appeared_in_pull_request", IncidentAction.ATTACH),
+        ("seer_root_cause_completed", IncidentAction.ATTACH),
+        (None, IncidentAction.ATTACH),
+    ],
+)
+def test_activity_alerts_act_by_activity_type(activity_type: str | None, expected: IncidentAction) -> None:
+    assert incident_action("activity_alert", "triggered", activity_type) is expected
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,11 @@ from incident_writer.store import ConcurrentIncident, poison_reason
 from shared.consumer import Batch
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
-OCC, RES, REOPEN, ATTACH = (
+OCC, RES, REOPEN, ARCHIVE, ATTACH = (
     IncidentAction.OCCURRENCE,
     IncidentAction.RESOLVE,
     IncidentAction.REOPEN,
+    IncidentAction.ARCHIVE,
     IncidentAction.ATTACH,
 )
 
@@ -100,6 +101,27 @@ def test_repeated_lifecycle_actions_only_attach() -> None:
     assert outcome.after == outcome.before and outcome.changes == (("u", Change.ATTACHED),)
     outcome = apply(state(status="resolved", resolved_at=T0), [touch("r", RES)])
     assert outcome.after == outcome.before and outcome.changes == (("r", Change.ATTACHED),)
+
+
+def test_archive_mutes_until_unresolved() -> None:
+    """archive → occurrence → unresolved walks archived → archived (count + 1) → open."""
+    outcome = apply(state(), [touch("a", ARCHIVE), touch("x", minute=20), touch("u", REOPEN)])
+    assert [c for _, c in outcome.changes] == [Change.ARCHIVED, Change.UPDATED, Change.REOPENED]
+    assert outcome.after is not None and (outcome.after.status, outcome.after.event_count) == ("open", 4)
+    muted = apply(state(status="archived"), [touch("x", minute=20)])
+    assert muted.after is not None and (muted.after.status, muted.after.event_count) == ("archived", 4)
+    assert muted.after.last_seen_at == T0 + timedelta(minutes=20)
+
+
+def test_archived_and_resolved_move_between_each_other() -> None:
+    outcome = apply(state(status="archived"), [touch("r", RES), touch("a", ARCHIVE), touch("a2", ARCHIVE)])
+    assert [c for _, c in outcome.changes] == [Change.RESOLVED, Change.ARCHIVED, Change.ATTACHED]
+    assert outcome.after is not None and (outcome.after.status, outcome.after.resolved_at) == ("archived", None)
+
+
+def test_an_archive_before_any_occurrence_changes_nothing() -> None:
+    outcome = apply(None, [touch("a", ARCHIVE)])
+    assert outcome.after is None and outcome.changes == ()
 
 
 def test_comments_attach_to_an_existing_incident_only() -> None:

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from router.consumer import Router
+from router.routing import OrgMappings
 from shared import events
 from shared.consumer import OffsetOutOfRange
 from shared.kafka import create_topics
@@ -207,7 +208,7 @@ async def latency_until(router: Router, org: str, project: str, expect: tuple[in
     started = time.perf_counter()
 
     async def applied() -> bool:
-        entry = (router.cache.lookup(org) or {}).get(project)
+        entry = (router.cache.lookup(org) or OrgMappings()).get(project)
         now = None if entry is None else (entry.service_id, entry.active)
         return now == expect
 

@@ -232,3 +232,12 @@ def test_partition_key_prefers_issue_then_project_then_org() -> None:
 def test_the_parser_provides_every_sentry_field_of_an_event() -> None:
     parsed = parse_webhook("issue", load("issue.created.json")[1])
     assert all(hasattr(parsed, name) for name in SENTRY_FIELDS)
+
+
+def test_activity_alert_carries_its_activity_type() -> None:
+    resource, body = load("sentry-test-fixtures/activity_alert.triggered.data.json")
+    parsed = parse_webhook(resource, body)
+    assert parsed.activity_type == "seer_root_cause_completed" and parsed.sentry_issue_id == "123456"
+    body["data"]["activity"] = {"type": "status_resolved_in_release"}
+    assert parse_webhook(resource, body).activity_type == "status_resolved_in_release"
+    assert parse_webhook("issue", body).activity_type is None

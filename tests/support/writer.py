@@ -278,7 +278,7 @@ def workload(org: Org, *, events: int, issues: int, seed: int, duplicates: float
     distinct = {e.delivery_id: e for e in out}
     occurrences: dict[tuple[int, str], int] = {}
     for e in distinct.values():
-        if incident_action(e.resource, e.action) is IncidentAction.OCCURRENCE and e.incident_key:
+        if incident_action(e.resource, e.action, e.activity_type) is IncidentAction.OCCURRENCE and e.incident_key:
             key = (e.service_id, e.incident_key)
             occurrences[key] = occurrences.get(key, 0) + 1
     return Workload(out, len(distinct), occurrences)
