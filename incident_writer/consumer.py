@@ -38,7 +38,7 @@ from incident_writer.store import BatchResult, ConcurrentIncident, describe_erro
 from shared import metrics
 from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Retry, Step
 from shared.db.session import create_engine, sessionmaker
-from shared.events import IgnoredEvent, OutputEvent, RoutedEvent
+from shared.events import H_REPLAY_ID, IgnoredEvent, OutputEvent, RoutedEvent
 from shared.kafka import make_consumer, make_producer
 from shared.settings import Settings
 from shared.topics import Topics
@@ -66,12 +66,27 @@ def decode(records: Iterable[ConsumerRecord]) -> tuple[list[Item], list[tuple[Co
     invalid: list[tuple[ConsumerRecord, str]] = []
     for record in records:
         try:
-            items.append(Item(record, EVENT.validate_json(record.value or b"")))
+            event = EVENT.validate_json(record.value or b"")
         except ValidationError as exc:
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error.get("loc", ()))
             invalid.append((record, f"invalid event: {where + ': ' if where else ''}{error.get('msg', exc)}"))
+            continue
+        replay_id = _replay_id(record)
+        if replay_id:
+            # A routed/ignored record republished by a replay: the replay that reprocessed it.
+            metrics.REPLAYED_RECORDS.labels(topic=event.outcome).inc()
+            if replay_id != event.replay_id:
+                event = event.model_copy(update={"replay_id": replay_id})
+        items.append(Item(record, event))
     return items, invalid
+
+
+def _replay_id(record: ConsumerRecord) -> str | None:
+    for name, value in record.headers or ():
+        if name == H_REPLAY_ID and value:
+            return bytes(value).decode("utf-8", "replace")[:64]
+    return None
 
 
 def retry_reason(exc: BaseException) -> str:

@@ -173,13 +173,17 @@ def _step(current: IncidentState | None, touch: Touch) -> tuple[IncidentState, C
     if touch.action is IncidentAction.OCCURRENCE:
         if current is None:
             return _opened(touch), Change.OPENED
-        # An archived issue stays muted: its occurrences count, but only a reopen unmutes it.
-        status = ARCHIVED if current.status == ARCHIVED else OPEN
-        change = Change.REOPENED if current.status == RESOLVED else Change.UPDATED
+        # An archived issue stays muted: its occurrences count, but only a reopen unmutes it. An
+        # occurrence from before the last resolution (a replay, applied by its original time)
+        # counts without reopening.
+        status = current.status
+        if status == RESOLVED and not _before_resolution(current, touch):
+            status = OPEN
+        change = Change.REOPENED if status != current.status else Change.UPDATED
         return replace(
             current,
             status=status,
-            resolved_at=None,
+            resolved_at=current.resolved_at if status == RESOLVED else None,
             event_count=current.event_count + 1,
             level=escalate(current.level, touch.level),
             first_seen_at=min(current.first_seen_at, touch.seen_at),
@@ -196,6 +200,10 @@ def _step(current: IncidentState | None, touch: Touch) -> tuple[IncidentState, C
     if touch.action is IncidentAction.ARCHIVE and current.status != ARCHIVED:
         return replace(current, status=ARCHIVED, resolved_at=None), Change.ARCHIVED
     return current, Change.ATTACHED
+
+
+def _before_resolution(current: IncidentState, touch: Touch) -> bool:
+    return current.resolved_at is not None and touch.received_at < current.resolved_at
 
 
 def _opened(touch: Touch) -> IncidentState:

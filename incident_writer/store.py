@@ -232,13 +232,18 @@ def _clean(event: OutputEvent) -> OutputEvent:
 
 
 def _first_per_key(events: Sequence[OutputEvent]) -> list[OutputEvent]:
-    seen: set[tuple[str, str | None]] = set()
-    out = []
+    """One event per (delivery, project), in stream order: the first, or the first routed one when
+    the delivery was ignored first and routed later (as the database upgrade would)."""
+    first: dict[tuple[str, str | None], int] = {}
+    out: list[OutputEvent] = []
     for event in events:
         key = (event.delivery_id, event.project_slug)
-        if key not in seen:
-            seen.add(key)
+        at = first.get(key)
+        if at is None:
+            first[key] = len(out)
             out.append(event)
+        elif out[at].outcome == "ignored" and event.outcome == "routed":
+            out[at] = event
     return out
 
 
@@ -308,12 +313,16 @@ async def _insert_audit(
     """
     rows = sorted((_audit_row(e, org_ids.get(e.org), existing) for e in events), key=_audit_sort_key)
     source = _rows(AUDIT, _AUDIT_COLUMNS)
-    stmt = (
-        insert(AUDIT)
-        .from_select(_AUDIT_COLUMNS, select(*_select_all(source, _AUDIT_COLUMNS)))
-        .on_conflict_do_nothing(index_elements=["delivery_id", "project_slug"])
-        .returning(AUDIT.c.id, AUDIT.c.delivery_id, AUDIT.c.project_slug)
-    )
+    insert_rows = insert(AUDIT).from_select(_AUDIT_COLUMNS, select(*_select_all(source, _AUDIT_COLUMNS)))
+    # An ignored delivery that routes now (a mapping added or enabled since, found by a replay or a
+    # redelivery) is upgraded in place, keeping what it was; any other existing record stays as is.
+    upgrade: dict[str, Any] = {name: insert_rows.excluded[name] for name in _UPGRADED_COLUMNS}
+    upgrade |= {"previous_outcome": AUDIT.c.outcome, "previous_reason": AUDIT.c.reason, "processed_at": func.now()}
+    stmt = insert_rows.on_conflict_do_update(
+        index_elements=["delivery_id", "project_slug"],
+        set_=upgrade,
+        where=(AUDIT.c.outcome == "ignored") & (insert_rows.excluded.outcome == "routed"),
+    ).returning(AUDIT.c.id, AUDIT.c.delivery_id, AUDIT.c.project_slug)
     result = await session.execute(stmt, _json(rows))
     inserted = {(r.delivery_id, r.project_slug): int(r.id) for r in result}
     return [
@@ -338,7 +347,10 @@ _AUDIT_FROM_EVENT = (
     "title",
     "received_at",
     "renamed_from",
+    "replay_id",
 )
+# What an ignored → routed upgrade takes from the new event.
+_UPGRADED_COLUMNS = ("outcome", "reason", "service_id", "mapping_id", "incident_id", "renamed_from", "replay_id")
 _AUDIT_COLUMNS = (*_AUDIT_FROM_EVENT, "org_id", "org_slug", "reason", "raw_topic", "raw_partition", "raw_offset",
                   "incident_id")  # fmt: skip
 

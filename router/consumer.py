@@ -61,6 +61,7 @@ class Delivery:
     received_at: datetime
     raw: events.RawRef
     key: bytes | None
+    replay_id: str | None = None  # the replay that republished the raw record
 
     @property
     def issue_only(self) -> bool:
@@ -91,6 +92,7 @@ def decode_record(record: ConsumerRecord) -> Delivery:
         received_at=_received_at(headers.get(events.H_RECEIVED_AT), record.timestamp),
         raw=events.RawRef(topic=record.topic, partition=record.partition, offset=record.offset),
         key=record.key,
+        replay_id=headers.get(events.H_REPLAY_ID) or None,
     )
 
 
@@ -100,6 +102,8 @@ def route_delivery(delivery: Delivery, org_mappings: OrgMappings | None, topics:
         (events.H_ORG, delivery.org.encode()),
         (events.H_DELIVERY_ID, delivery.delivery_id.encode()),
     ]
+    if delivery.replay_id:
+        out_headers.append((events.H_REPLAY_ID, delivery.replay_id.encode()))
     outputs = []
     for decision in route(delivery.parsed, org_mappings):
         project = decision.project
@@ -113,6 +117,7 @@ def route_delivery(delivery: Delivery, org_mappings: OrgMappings | None, topics:
             raw=delivery.raw,
         )
         fields["renamed_from"] = decision.renamed_from
+        fields["replay_id"] = delivery.replay_id
         if decision.renamed_from is not None:
             metrics.ROUTER_RENAMED_PROJECTS.inc()
         event: events.OutputEvent
@@ -158,6 +163,8 @@ class RouterStep(Step):
             except Undecodable as exc:
                 dead.append(DeadLetter(record, str(exc), "router.decode"))
                 continue
+            if delivery.replay_id:
+                metrics.REPLAYED_RECORDS.labels(topic="raw").inc()
             org_mappings = self.cache.lookup(delivery.org)
             if delivery.issue_only and org_mappings is not None:
                 delivery = await self._with_issue_project(delivery)

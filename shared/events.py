@@ -22,6 +22,9 @@ H_RECEIVED_AT = "received_at"
 H_DELIVERY_ID = "delivery_id"
 H_CONTENT_TYPE = "content_type"
 H_INGEST_VERSION = "ingest_version"
+# Set by ``blametrail replay`` on every record it republishes (any topic); the router copies it to
+# its outputs, the writer records it on the audit record a replay changed.
+H_REPLAY_ID = "replay_id"
 
 
 class Reason(StrEnum):
@@ -96,6 +99,8 @@ class _Event(SentryFields):
     raw: RawRef
     # Extension: the mapping's slug when the delivery named the project by a new slug (renamed in Sentry).
     renamed_from: str | None = None
+    # Extension: the replay that republished this event's raw record (``blametrail replay``), if any.
+    replay_id: str | None = None
 
 
 class RoutedEvent(_Event):

@@ -87,6 +87,10 @@ WRITER_RETRIES = Counter(
 )
 WRITER_TIMELINE_EVENTS = Counter("blametrail_writer_timeline_events_total", "Entries added to incident timelines")
 
+# Replays (``blametrail replay``): republished records as the consumers see them (raw: router;
+# routed/ignored: writer).
+REPLAYED_RECORDS = Counter("blametrail_replay_records_total", "Records republished by a replay, by topic", ["topic"])
+
 # Consumers (router and writer), labelled by consumer group name (a small fixed set)
 CONSUMER_BATCH_SIZE = Histogram(
     "blametrail_consumer_batch_size", "Records per consumed batch", ["group"], buckets=BATCH_BUCKETS

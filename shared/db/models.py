@@ -190,6 +190,10 @@ class AuditRecord(Base):
     raw_offset: Mapped[int] = mapped_column(BigInteger, nullable=False)
     # The mapping's slug when the delivery reached it under another slug (a project renamed in Sentry).
     renamed_from: Mapped[str | None] = mapped_column(String(100))
+    # The replay that created or changed this record; what an upgraded record was before (ignored, why).
+    replay_id: Mapped[str | None] = mapped_column(String(64))
+    previous_outcome: Mapped[str | None] = mapped_column(String(16))
+    previous_reason: Mapped[str | None] = mapped_column(String(32))
 
 
 class SentryIssueProject(Base):

@@ -96,6 +96,18 @@ def test_a_new_occurrence_reopens_a_resolved_incident() -> None:
     assert outcome.changes == (("x", Change.REOPENED),)
 
 
+def test_an_occurrence_from_before_the_resolution_counts_without_reopening() -> None:
+    """Replays apply events by their original time: an old occurrence does not reopen."""
+    resolved = state(status="resolved", resolved_at=T0 + timedelta(minutes=30))
+    outcome = apply(resolved, [touch("old", minute=20)])
+    assert outcome.after is not None
+    assert (outcome.after.status, outcome.after.event_count) == ("resolved", 4)
+    assert outcome.after.resolved_at == T0 + timedelta(minutes=30)
+    assert outcome.changes == (("old", Change.UPDATED),)
+    later = apply(resolved, [touch("new", minute=31)])
+    assert later.after is not None and later.after.status == "open" and later.changes == (("new", Change.REOPENED),)
+
+
 def test_repeated_lifecycle_actions_only_attach() -> None:
     outcome = apply(state(), [touch("u", REOPEN)])
     assert outcome.after == outcome.before and outcome.changes == (("u", Change.ATTACHED),)
