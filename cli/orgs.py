@@ -35,7 +35,16 @@ from shared.settings import Settings
 
 T = TypeVar("T")
 SERVICE_COLUMNS = ["id", "name"]
-MAPPING_COLUMNS = ["id", "sentry_project_slug", "service_id", "service_name", "active", "last_event_at"]
+MAPPING_COLUMNS = [
+    "id",
+    "sentry_project_slug",
+    "service_id",
+    "service_name",
+    "active",
+    "sentry_project_id",
+    "renamed_to",
+    "last_event_at",
+]
 
 
 def _print(data: Any, as_json: bool, columns: Sequence[str] | None = None) -> None:
@@ -145,7 +154,10 @@ async def service_delete(session: AsyncSession, org_id: int, args: argparse.Name
 
 async def mapping_add(session: AsyncSession, org_id: int, args: argparse.Namespace) -> dict[str, Any]:
     service = await find_service(session, org_id, args.service)
-    return (await add_mapping(session, org_id, args.project, service.id, active=not args.inactive)).model_dump()
+    view = await add_mapping(
+        session, org_id, args.project, service.id, active=not args.inactive, sentry_project_id=args.project_id
+    )
+    return view.model_dump()
 
 
 async def mapping_list(session: AsyncSession, org_id: int, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -159,8 +171,17 @@ async def mapping_change(session: AsyncSession, org_id: int, args: argparse.Name
         await delete_mapping(session, org_id, mapping.id)
         return {**mapping.model_dump(), "deleted": True}
     if args.action == "edit":
-        service = await find_service(session, org_id, args.service)
-        mapping = await edit_mapping(session, org_id, mapping.id, service_id=service.id)
+        if args.service is None and args.slug is None and args.project_id is None:
+            raise CliError("mapping edit: give --service, --slug or --project-id")
+        service_id = None if args.service is None else (await find_service(session, org_id, args.service)).id
+        mapping = await edit_mapping(
+            session,
+            org_id,
+            mapping.id,
+            service_id=service_id,
+            sentry_project_slug=args.slug,
+            sentry_project_id=args.project_id,
+        )
     else:
         mapping = await edit_mapping(session, org_id, mapping.id, active=args.action == "enable")
     return mapping.model_dump()
@@ -200,21 +221,27 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     mapping = sub.add_parser("mapping", help="Sentry project mappings").add_subparsers(dest="action", required=True)
     service_ref = ("--service", {"required": True, "help": "service id or name"})
+    project_id = ("--project-id", {"help": "Sentry's numeric project id (optional: learned from the first event)"})
     _org_command(
         mapping, "add", mapping_add, MAPPING_COLUMNS, ("project", {"help": "Sentry project slug"}), service_ref,
-        ("--inactive", {"action": "store_true", "help": "create the mapping disabled"}),
+        ("--inactive", {"action": "store_true", "help": "create the mapping disabled"}), project_id,
         help="map a Sentry project to a service",
     )  # fmt: skip
     _org_command(mapping, "list", mapping_list, MAPPING_COLUMNS)
     for action, text in (
-        ("edit", "point a mapping at another service (existing incidents stay)"),
+        ("edit", "point a mapping at another service (existing incidents stay), or follow a renamed project"),
         ("enable", "enable a mapping"),
         ("disable", "disable a mapping (its configuration is kept)"),
         ("delete", "delete a mapping"),
     ):
         columns = [*MAPPING_COLUMNS, "deleted"] if action == "delete" else MAPPING_COLUMNS
         mapping_ref = ("mapping", {"help": "mapping id or Sentry project slug"})
-        arguments = (mapping_ref, service_ref) if action == "edit" else (mapping_ref,)
+        edit_arguments = (
+            ("--service", {"help": "service id or name"}),
+            ("--slug", {"help": "the project's new Sentry slug (after a rename in Sentry)"}),
+            project_id,
+        )
+        arguments = (mapping_ref, *edit_arguments) if action == "edit" else (mapping_ref,)
         _org_command(mapping, action, mapping_change, columns, *arguments, help=text)
 
 

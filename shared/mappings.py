@@ -4,7 +4,8 @@ Rules (enforced here and, where a race could break them, by the database):
 - a project slug follows Sentry's pattern (``shared.sentry.SLUG_RE``, told to callers as ``SLUG_RULE``);
 - a Sentry project maps to at most one service per org (unique constraint; 409 names the mapping);
 - many projects may map to one service; the service must be in the same org (composite FK);
-- disabling keeps the mapping and its service; editing changes only ``service_id`` / ``active``;
+- disabling keeps the mapping and its service; editing changes ``service_id`` / ``active``, and the
+  project's slug and Sentry project id (to follow a project renamed in Sentry);
 - a service that mappings or incidents use cannot be deleted.
 
 Every function takes the caller's org id: another org's ids behave exactly like missing ones.
@@ -15,7 +16,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import and_, delete, func, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -37,6 +38,10 @@ class MappingView(BaseModel):
     service_id: int
     service_name: str
     active: bool
+    # Sentry's numeric project id (stable across renames): given, or learned from the first delivery.
+    sentry_project_id: str | None = None
+    # The slug Sentry now sends for this project when it was renamed: update the mapping's slug to it.
+    renamed_to: str | None = None
     created_at: datetime
     updated_at: datetime
     last_event_at: datetime | None
@@ -57,6 +62,17 @@ def check_slug(slug: object, field: str = "sentry_project_slug", what: str = "a 
     if not isinstance(slug, str) or not is_valid_slug(slug):
         raise invalid("invalid_slug", f"{slug!r} is not {what} ({SLUG_RULE})", field)
     return slug
+
+
+PROJECT_ID_RULE = "Sentry's numeric project id: 1-20 digits"
+
+
+def check_project_id(value: object, field: str = "sentry_project_id") -> str:
+    """``value`` as a Sentry project id (digits; an integer is accepted), else ``invalid_project_id``."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or not (text.isascii() and text.isdigit() and 1 <= len(text) <= 20):
+        raise invalid("invalid_project_id", f"{value!r} is not {PROJECT_ID_RULE}", field)
+    return text
 
 
 # --- services ---------------------------------------------------------------------------------
@@ -142,13 +158,22 @@ async def _existing_for(session: AsyncSession, org_id: int, slug: str) -> int | 
 
 
 async def add_mapping(
-    session: AsyncSession, org_id: int, slug: object, service_id: int, *, active: bool = True
+    session: AsyncSession,
+    org_id: int,
+    slug: object,
+    service_id: int,
+    *,
+    active: bool = True,
+    sentry_project_id: object | None = None,
 ) -> MappingView:
     slug = check_slug(slug)
+    project_id = None if sentry_project_id is None else check_project_id(sentry_project_id)
     service = await get_service(session, org_id, service_id, field="service_id")
     existing = await _existing_for(session, org_id, slug)
     if existing is None:
-        mapping = SentryProjectMapping(org_id=org_id, sentry_project_slug=slug, service_id=service.id, active=active)
+        mapping = SentryProjectMapping(
+            org_id=org_id, sentry_project_slug=slug, service_id=service.id, active=active, sentry_project_id=project_id
+        )
         try:
             async with session.begin_nested():
                 session.add(mapping)
@@ -165,16 +190,42 @@ async def add_mapping(
 
 
 async def edit_mapping(
-    session: AsyncSession, org_id: int, mapping_id: int, *, service_id: int | None = None, active: bool | None = None
+    session: AsyncSession,
+    org_id: int,
+    mapping_id: int,
+    *,
+    service_id: int | None = None,
+    active: bool | None = None,
+    sentry_project_slug: object | None = None,
+    sentry_project_id: object | None = None,
 ) -> MappingView:
-    """Change the service and/or the active flag. Existing incidents stay where they are."""
+    """Change the service, the active flag, the project's slug (a project renamed in Sentry: the
+    ``renamed_to`` flag clears) or its Sentry project id. Existing incidents stay where they are."""
     mapping = await _mapping(session, org_id, mapping_id)
+    if sentry_project_slug is not None:
+        slug = check_slug(sentry_project_slug)
+        if slug != mapping.sentry_project_slug:
+            owner = await _existing_for(session, org_id, slug)
+            if owner is not None:
+                raise conflict(
+                    "already_mapped",
+                    f"Sentry project {slug!r} is already mapped (mapping {owner}); each project maps to one service",
+                    "sentry_project_slug",
+                )
+            mapping.sentry_project_slug = slug
+        mapping.renamed_to = None
+    if sentry_project_id is not None:
+        mapping.sentry_project_id = check_project_id(sentry_project_id)
     if service_id is not None:
         mapping.service_id = (await get_service(session, org_id, service_id, field="service_id")).id
     if active is not None:
         mapping.active = active
     mapping.updated_at = func.now()
-    await session.flush()
+    try:
+        async with session.begin_nested():
+            await session.flush()
+    except IntegrityError as exc:  # a concurrent add took the new slug
+        raise conflict("already_mapped", "that Sentry project is already mapped", "sentry_project_slug") from exc
     return await get_mapping(session, org_id, mapping_id)
 
 
@@ -194,7 +245,10 @@ async def list_mappings(session: AsyncSession, org_id: int, *, mapping_id: int |
         .where(
             and_(
                 AuditRecord.org_id == SentryProjectMapping.org_id,
-                AuditRecord.project_slug == SentryProjectMapping.sentry_project_slug,
+                or_(
+                    AuditRecord.project_slug == SentryProjectMapping.sentry_project_slug,
+                    AuditRecord.project_slug == SentryProjectMapping.renamed_to,
+                ),
             )
         )
         .correlate(SentryProjectMapping)
@@ -216,6 +270,8 @@ async def list_mappings(session: AsyncSession, org_id: int, *, mapping_id: int |
             service_id=m.service_id,
             service_name=name,
             active=m.active,
+            sentry_project_id=m.sentry_project_id,
+            renamed_to=m.renamed_to,
             created_at=m.created_at,
             updated_at=m.updated_at,
             last_event_at=last,

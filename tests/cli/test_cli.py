@@ -53,13 +53,29 @@ def test_mapping_lifecycle_through_the_cli(migrated: Settings) -> None:
 
     table = ok(migrated, "mapping", "list", "--org", org)
     header, row = table.splitlines()
-    assert header.split() == ["ID", "SENTRY_PROJECT_SLUG", "SERVICE_ID", "SERVICE_NAME", "ACTIVE", "LAST_EVENT_AT"]
+    assert header.split() == [
+        "ID", "SENTRY_PROJECT_SLUG", "SERVICE_ID", "SERVICE_NAME", "ACTIVE", "SENTRY_PROJECT_ID", "RENAMED_TO",
+        "LAST_EVENT_AT",
+    ]  # fmt: skip
     assert "frontend" in row and "Web App" in row and "True" in row
 
     edited = ok(migrated, "mapping", "edit", "--org", org, "frontend", "--service", "Payments API", "--json")
     assert edited["service_name"] == "Payments API" and edited["id"] == added["id"]
     assert ok(migrated, "mapping", "disable", "--org", org, "frontend", "--json")["active"] is False
     assert ok(migrated, "mapping", "enable", "--org", org, str(added["id"]), "--json")["active"] is True
+
+    # A project renamed in Sentry: the mapping follows it, by slug and Sentry project id.
+    renamed = ok(
+        migrated, "mapping", "edit", "--org", org, "frontend", "--slug", "web", "--project-id", "4505877312345088",
+        "--json",
+    )  # fmt: skip
+    assert (renamed["sentry_project_slug"], renamed["sentry_project_id"]) == ("web", "4505877312345088")
+    assert renamed["renamed_to"] is None and renamed["id"] == added["id"]
+    assert "--service, --slug or --project-id" in fails(migrated, "mapping", "edit", "--org", org, "web")
+    assert "not Sentry's numeric project id" in fails(
+        migrated, "mapping", "edit", "--org", org, "web", "--project-id", "abc"
+    )
+    ok(migrated, "mapping", "edit", "--org", org, "web", "--slug", "frontend", "--json")
 
     in_use = fails(migrated, "service", "delete", "--org", org, "Payments API")
     assert "frontend" in in_use
