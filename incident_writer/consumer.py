@@ -30,15 +30,24 @@ import psycopg
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from incident_writer.isolate import write_isolating
-from incident_writer.store import BatchResult, ConcurrentIncident, describe_error, poison_reason, write_batch
+from incident_writer.store import (
+    TENANT_MISMATCH,
+    BatchResult,
+    ConcurrentIncident,
+    Failure,
+    describe_error,
+    poison_reason,
+    write_batch,
+    write_failures,
+)
 from shared import metrics
-from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Retry, Step
+from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Retry, SentLetter, Step
 from shared.db.session import create_engine, sessionmaker
-from shared.events import H_REPLAY_ID, IgnoredEvent, OutputEvent, RoutedEvent
+from shared.events import H_DELIVERY_ID, H_ORG, H_REPLAY_ID, IgnoredEvent, OutputEvent, RoutedEvent
 from shared.kafka import make_consumer, make_producer
 from shared.settings import Settings
 from shared.topics import Topics
@@ -82,11 +91,20 @@ def decode(records: Iterable[ConsumerRecord]) -> tuple[list[Item], list[tuple[Co
     return items, invalid
 
 
-def _replay_id(record: ConsumerRecord) -> str | None:
-    for name, value in record.headers or ():
-        if name == H_REPLAY_ID and value:
-            return bytes(value).decode("utf-8", "replace")[:64]
+def _header(record: ConsumerRecord, name: str) -> str | None:
+    for key, value in record.headers or ():
+        if key == name and value:
+            return bytes(value).decode("utf-8", "replace")[:100]
     return None
+
+
+def _replay_id(record: ConsumerRecord) -> str | None:
+    replay_id = _header(record, H_REPLAY_ID)
+    return replay_id[:64] if replay_id else None
+
+
+def _coordinates(record: ConsumerRecord) -> tuple[str, int, int]:
+    return (record.topic, record.partition, record.offset)
 
 
 def retry_reason(exc: BaseException) -> str:
@@ -107,6 +125,9 @@ class WriterStep(Step):
         self.settings = settings
         self._sessions = sessions
         self._unavailable_since: float | None = None
+        # The batch's records that could not be applied (by their coordinates): the event and the
+        # audit reason, for ``dead_lettered``.
+        self._failed: dict[tuple[str, int, int], tuple[OutputEvent, str]] = {}
 
     async def process(self, batch: Batch) -> list[DeadLetter]:
         items, invalid = decode(batch)
@@ -122,10 +143,60 @@ class WriterStep(Step):
         for result in results:
             total.add(result)
         self._observe(total)
-        dead = [DeadLetter(record, error, "writer.decode") for record, error in invalid]
-        dead += [DeadLetter(p.item.record, p.reason, "writer.write") for p in poison]
+        dead = [DeadLetter(record, error, "writer.decode", _header(record, H_ORG)) for record, error in invalid]
+        self._failed = {}
+        by_event = {id(item.event): item for item in items}
+        refused = [(by_event[id(event)], reason, TENANT_MISMATCH) for event, reason in total.refused]
+        for item, error, reason in [*((p.item, p.reason, "rejected") for p in poison), *refused]:
+            dead.append(DeadLetter(item.record, error, "writer.write", item.event.org))
+            self._failed[_coordinates(item.record)] = (item.event, reason)
         metrics.WRITER_EVENTS.labels(outcome="dlq").inc(len(dead))
         return dead
+
+    async def dead_lettered(self, sent: Sequence[SentLetter]) -> None:
+        """Audit every dead letter as ``failed`` (reason, error, where it is in the DLQ): no accepted
+        webhook ends without an audit record. A letter with no delivery id (not a routed/ignored
+        record at all) has nothing to audit."""
+        failures = [f for f in (self._failure(s) for s in sent) if f is not None]
+        if not failures:
+            return
+        try:
+            async with self._sessions() as session, session.begin():
+                written = await write_failures(session, failures)
+        except (IntegrityError, DataError) as exc:
+            log.error("could not audit %d failed records: %s", len(failures), describe_error(exc))
+            metrics.WRITER_EVENTS.labels(outcome="unaudited").inc(len(failures))
+            return
+        except RETRYABLE as exc:
+            raise Retry(retry_reason(exc), describe_error(exc)) from exc
+        metrics.WRITER_EVENTS.labels(outcome="failed").inc(written)
+
+    def _failure(self, sent: SentLetter) -> Failure | None:
+        record = sent.letter.record
+        coordinates = _coordinates(record)
+        dlq = (sent.partition, sent.offset)
+        found = self._failed.get(coordinates)
+        if found is not None:
+            event, reason = found
+            return Failure(
+                delivery_id=event.delivery_id,
+                org=event.org,
+                reason=reason,
+                error=sent.letter.error,
+                raw=coordinates,
+                dlq=dlq,
+                received_at=event.received_at,
+                project_slug=event.project_slug,
+                resource=event.resource,
+                action=event.action,
+                sentry_issue_id=event.sentry_issue_id,
+                title=event.title,
+            )
+        delivery, org = _header(record, H_DELIVERY_ID), _header(record, H_ORG)
+        if delivery is None or org is None:
+            return None
+        return Failure(delivery_id=delivery, org=org, reason="invalid_event", error=sent.letter.error, raw=coordinates,
+                       dlq=dlq)  # fmt: skip
 
     async def _transaction(self, items: Sequence[Item]) -> BatchResult:
         async with self._sessions() as session, session.begin():
@@ -180,6 +251,7 @@ class IncidentWriter:
             revoke_wait_seconds=settings.consumer_revoke_wait_seconds,
             dlq_max_ratio=settings.writer_dlq_max_ratio,
             dlq_window=settings.writer_dlq_window,
+            dlq_min_orgs=settings.consumer_dlq_min_orgs,
             retry_initial_seconds=settings.writer_retry_initial_seconds,
             retry_max_seconds=settings.writer_retry_max_seconds,
         )

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from typing import cast as typed
 
@@ -46,14 +46,17 @@ from sqlalchemy.sql.elements import KeyedColumnElement
 from sqlalchemy.sql.selectable import TableValuedAlias
 
 from incident_writer.incidents import Change, IncidentState, Outcome, Touch, apply, incident_action
-from shared.db.models import AuditRecord, Incident, IncidentEvent, Organization
+from shared.db.models import AuditRecord, Incident, IncidentEvent, Organization, Service
 from shared.events import IgnoredEvent, OutputEvent, RoutedEvent
+from shared.storable import clean
 
 AUDIT = typed(Table, AuditRecord.__table__)
 INCIDENTS = typed(Table, Incident.__table__)
 TIMELINE = typed(Table, IncidentEvent.__table__)
 
 IncidentKey = tuple[int, str]  # (service_id, incident_key)
+
+TENANT_MISMATCH = "tenant_mismatch"
 
 
 def _rows(table: Table, names: Sequence[str]) -> TableValuedAlias:
@@ -96,12 +99,15 @@ class BatchResult:
     duplicates: int = 0
     changes: Counter[str] = field(default_factory=Counter)
     timeline: int = 0
+    # Events refused before writing, and why: a routed event naming another org's service.
+    refused: list[tuple[OutputEvent, str]] = field(default_factory=list)
 
     def add(self, other: BatchResult) -> None:
         self.written += other.written
         self.duplicates += other.duplicates
         self.changes.update(other.changes)
         self.timeline += other.timeline
+        self.refused += other.refused
 
 
 @dataclass(frozen=True)
@@ -150,11 +156,15 @@ async def write_batch(session: AsyncSession, batch: Sequence[OutputEvent]) -> Ba
     :class:`ConcurrentIncident` when the transaction must be retried.
     """
     result = BatchResult()
-    events = _first_per_key([_clean(e) for e in batch])
+    events = _first_per_key(batch)
     result.duplicates = len(batch) - len(events)
     if not events:
         return result
     org_ids = await _org_ids(session, {e.org for e in events})
+    result.refused = await _foreign_services(session, events, org_ids)
+    if result.refused:
+        refused = {id(e) for e, _ in result.refused}
+        events = [e for e in events if id(e) not in refused]
     keys = sorted({(e.service_id, e.incident_key) for e in events if isinstance(e, RoutedEvent) and e.incident_key})
     existing = await _lock_incidents(session, keys) if keys else {}
     new = await _insert_audit(session, events, org_ids, existing)
@@ -224,13 +234,6 @@ async def _learn_projects(session: AsyncSession, events: Sequence[OutputEvent], 
         await session.execute(_LEARN_ISSUES, _json([issues[k] for k in sorted(issues)]))
 
 
-def _clean(event: OutputEvent) -> OutputEvent:
-    """PostgreSQL text cannot hold NUL: replace it in the free text that comes from Sentry bodies."""
-    texts = {"title": event.title, "culprit": event.culprit, "web_url": event.web_url, "level": event.level}
-    dirty = {name: value.replace("\x00", "\ufffd") for name, value in texts.items() if value and "\x00" in value}
-    return event.model_copy(update=dirty) if dirty else event
-
-
 def _first_per_key(events: Sequence[OutputEvent]) -> list[OutputEvent]:
     """One event per (delivery, project), in stream order: the first, or the first routed one when
     the delivery was ignored first and routed later (as the database upgrade would)."""
@@ -267,17 +270,43 @@ def _touch(event: RoutedEvent) -> Touch:
     )
 
 
+_CACHE_MAX = 100_000  # entries of each id cache below
+
+# Service id → its organization's id (a service never moves; deleted ids are not reused).
+_SERVICE_ORGS: dict[int, int] = {}
+
+
+async def _foreign_services(
+    session: AsyncSession, events: Sequence[OutputEvent], org_ids: dict[str, int]
+) -> list[tuple[OutputEvent, str]]:
+    """The routed events whose service belongs to another organization, with the reason (the tenant
+    seal: the router never routes across orgs, so such a record is forged or corrupt). A service
+    that does not exist is left to the database (foreign key: a poison record, as before)."""
+    routed = [e for e in events if isinstance(e, RoutedEvent)]
+    missing = {e.service_id for e in routed} - _SERVICE_ORGS.keys()
+    if missing:
+        rows = await session.execute(select(Service.id, Service.org_id).where(Service.id.in_(missing)))
+        if len(_SERVICE_ORGS) > _CACHE_MAX:
+            _SERVICE_ORGS.clear()
+        _SERVICE_ORGS.update({service_id: org_id for service_id, org_id in rows})
+    refused: list[tuple[OutputEvent, str]] = []
+    for e in routed:
+        owner = _SERVICE_ORGS.get(e.service_id)
+        if owner is not None and owner != org_ids.get(e.org):
+            refused.append((e, f"{TENANT_MISMATCH}: service {e.service_id} does not belong to organization {e.org}"))
+    return refused
+
+
 # Organization slug → id. An org's id never changes (orgs are not renamed or re-created), so ids
 # found once are kept for the life of the process; only slugs not seen yet cost a query.
 _ORG_IDS: dict[str, int] = {}
-_ORG_IDS_MAX = 100_000
 
 
 async def _org_ids(session: AsyncSession, slugs: set[str]) -> dict[str, int]:
     missing = slugs - _ORG_IDS.keys()
     if missing:
         rows = await session.execute(select(Organization.slug, Organization.id).where(Organization.slug.in_(missing)))
-        if len(_ORG_IDS) > _ORG_IDS_MAX:
+        if len(_ORG_IDS) > _CACHE_MAX:
             _ORG_IDS.clear()
         _ORG_IDS.update({slug: org_id for slug, org_id in rows})
     return {slug: _ORG_IDS[slug] for slug in slugs if slug in _ORG_IDS}
@@ -315,13 +344,14 @@ async def _insert_audit(
     source = _rows(AUDIT, _AUDIT_COLUMNS)
     insert_rows = insert(AUDIT).from_select(_AUDIT_COLUMNS, select(*_select_all(source, _AUDIT_COLUMNS)))
     # An ignored delivery that routes now (a mapping added or enabled since, found by a replay or a
-    # redelivery) is upgraded in place, keeping what it was; any other existing record stays as is.
+    # redelivery), or a failed one replayed after the fix, is upgraded in place, keeping what it
+    # was; any other existing record stays as is.
     upgrade: dict[str, Any] = {name: insert_rows.excluded[name] for name in _UPGRADED_COLUMNS}
     upgrade |= {"previous_outcome": AUDIT.c.outcome, "previous_reason": AUDIT.c.reason, "processed_at": func.now()}
     stmt = insert_rows.on_conflict_do_update(
         index_elements=["delivery_id", "project_slug"],
         set_=upgrade,
-        where=(AUDIT.c.outcome == "ignored") & (insert_rows.excluded.outcome == "routed"),
+        where=AUDIT.c.outcome.in_(("ignored", "failed")) & (insert_rows.excluded.outcome == "routed"),
     ).returning(AUDIT.c.id, AUDIT.c.delivery_id, AUDIT.c.project_slug)
     result = await session.execute(stmt, _json(rows))
     inserted = {(r.delivery_id, r.project_slug): int(r.id) for r in result}
@@ -352,7 +382,7 @@ _AUDIT_FROM_EVENT = (
 # What an ignored → routed upgrade takes from the new event.
 _UPGRADED_COLUMNS = ("outcome", "reason", "service_id", "mapping_id", "incident_id", "renamed_from", "replay_id")
 _AUDIT_COLUMNS = (*_AUDIT_FROM_EVENT, "org_id", "org_slug", "reason", "raw_topic", "raw_partition", "raw_offset",
-                  "incident_id")  # fmt: skip
+                  "incident_id", "flags")  # fmt: skip
 
 
 def _event_row(event: OutputEvent, names: tuple[str, ...], **columns: object) -> dict[str, object]:
@@ -375,6 +405,7 @@ def _audit_row(event: OutputEvent, org_id: int | None, existing: dict[IncidentKe
         raw_partition=event.raw.partition,
         raw_offset=event.raw.offset,
         incident_id=locked.id if locked else None,
+        flags=list(event.flags) or None,
     )
 
 
@@ -558,3 +589,70 @@ _TIMELINE_COLUMNS = ("incident_id", "change", *_TIMELINE_FROM_EVENT)
 
 def _timeline_row(incident_id: int, event: RoutedEvent, change: Change) -> dict[str, object]:
     return _event_row(event, _TIMELINE_FROM_EVENT, incident_id=incident_id, change=change.value)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A record the writer could not apply (the database rejected it, or the tenant seal refused it),
+    audited as ``failed`` with where its dead letter is. Values are cleaned to fit their columns."""
+
+    delivery_id: str
+    org: str
+    reason: str  # tenant_mismatch | rejected | invalid_event
+    error: str
+    raw: tuple[str, int, int]  # the record's topic, partition, offset
+    dlq: tuple[int, int]  # its dead letter's partition and offset
+    received_at: datetime | None = None
+    project_slug: str | None = None
+    resource: str = "unknown"
+    action: str = "unknown"
+    sentry_issue_id: str | None = None
+    title: str | None = None
+
+
+_FAILED_COLUMNS = (
+    "delivery_id", "project_slug", "org_id", "org_slug", "resource", "action", "outcome", "reason", "error",
+    "sentry_issue_id", "title", "received_at", "raw_topic", "raw_partition", "raw_offset", "dlq_partition",
+    "dlq_offset",
+)  # fmt: skip
+_INT32 = 2**31 - 1
+
+
+async def write_failures(session: AsyncSession, failures: Sequence[Failure]) -> int:
+    """Audit ``failures`` as ``failed`` (one statement; an existing record for the key stays). Returns
+    how many were new."""
+    org_ids = await _org_ids(session, {f.org for f in failures})
+    now = datetime.now(UTC)
+    rows: list[dict[str, object]] = []
+    for f in failures:
+        received = f.received_at if f.received_at and abs(now - f.received_at) < timedelta(days=3650) else now
+        rows.append(
+            {
+                "delivery_id": clean(f.delivery_id, 64) or "unknown",
+                "project_slug": clean(f.project_slug, 100),
+                "org_id": org_ids.get(f.org),
+                "org_slug": clean(f.org, 100) or "unknown",
+                "resource": clean(f.resource, 64) or "unknown",
+                "action": clean(f.action, 64) or "unknown",
+                "outcome": "failed",
+                "reason": f.reason,
+                "error": clean(f.error, 1000),
+                "sentry_issue_id": clean(f.sentry_issue_id, 64),
+                "title": clean(f.title, 1000),
+                "received_at": received,
+                "raw_topic": clean(f.raw[0], 249) or "unknown",
+                "raw_partition": f.raw[1] if 0 <= f.raw[1] <= _INT32 else -1,
+                "raw_offset": f.raw[2] if 0 <= f.raw[2] < 2**63 else -1,
+                "dlq_partition": f.dlq[0],
+                "dlq_offset": f.dlq[1],
+            }
+        )
+    source = _rows(AUDIT, _FAILED_COLUMNS)
+    stmt = (
+        insert(AUDIT)
+        .from_select(_FAILED_COLUMNS, select(*_select_all(source, _FAILED_COLUMNS)))
+        .on_conflict_do_nothing(index_elements=["delivery_id", "project_slug"])
+        .returning(AUDIT.c.id)
+    )
+    result = await session.execute(stmt, _json(sorted(rows, key=_audit_sort_key)))
+    return len(result.all())

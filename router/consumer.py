@@ -16,6 +16,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
+from router.boundary import TimeWindow, sanitize
 from router.cache import IssueProjects, MappingCache
 from router.routing import OrgMappings, route
 from shared import events, metrics
@@ -62,6 +63,7 @@ class Delivery:
     raw: events.RawRef
     key: bytes | None
     replay_id: str | None = None  # the replay that republished the raw record
+    flags: tuple[str, ...] = ()  # what the boundary check changed (router/boundary.py)
 
     @property
     def issue_only(self) -> bool:
@@ -118,6 +120,7 @@ def route_delivery(delivery: Delivery, org_mappings: OrgMappings | None, topics:
         )
         fields["renamed_from"] = decision.renamed_from
         fields["replay_id"] = delivery.replay_id
+        fields["flags"] = delivery.flags
         if decision.renamed_from is not None:
             metrics.ROUTER_RENAMED_PROJECTS.inc()
         event: events.OutputEvent
@@ -148,11 +151,19 @@ class RouterStep(Step):
 
     name = "router"
 
-    def __init__(self, cache: MappingCache, issues: IssueProjects, topics: Topics, producer: AIOKafkaProducer) -> None:
+    def __init__(
+        self,
+        cache: MappingCache,
+        issues: IssueProjects,
+        topics: Topics,
+        producer: AIOKafkaProducer,
+        window: TimeWindow,
+    ) -> None:
         self.cache = cache
         self.issues = issues
         self.topics = topics
         self.producer = producer
+        self.window = window
 
     async def process(self, batch: Batch) -> list[DeadLetter]:
         sends = []
@@ -161,8 +172,14 @@ class RouterStep(Step):
             try:
                 delivery = decode_record(record)
             except Undecodable as exc:
-                dead.append(DeadLetter(record, str(exc), "router.decode"))
+                org = header_map(record.headers).get(events.H_ORG) or None
+                dead.append(DeadLetter(record, str(exc), "router.decode", org))
                 continue
+            parsed, flags = sanitize(delivery.parsed, delivery.received_at, self.window)
+            if flags:
+                delivery = replace(delivery, parsed=parsed, flags=flags)
+                for flag in flags:
+                    metrics.ROUTER_FLAGGED.labels(flag=flag).inc()
             if delivery.replay_id:
                 metrics.REPLAYED_RECORDS.labels(topic="raw").inc()
             org_mappings = self.cache.lookup(delivery.org)
@@ -201,11 +218,12 @@ class Router:
             revoke_wait_seconds=settings.consumer_revoke_wait_seconds,
             dlq_max_ratio=settings.router_dlq_max_ratio,
             dlq_window=settings.router_dlq_window,
+            dlq_min_orgs=settings.consumer_dlq_min_orgs,
         )
         consumer = make_consumer(settings, group_id=config.group, client_id="blametrail-router")
-        self.runtime = ConsumerRuntime(
-            config, RouterStep(self.cache, IssueProjects(sessions), self.topics, producer), consumer, producer
-        )
+        window = TimeWindow.of(settings.event_time_before_days, settings.event_time_after_hours)
+        step = RouterStep(self.cache, IssueProjects(sessions), self.topics, producer, window)
+        self.runtime = ConsumerRuntime(config, step, consumer, producer)
 
     @property
     def consumer(self) -> AIOKafkaConsumer:

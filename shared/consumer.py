@@ -18,10 +18,11 @@ durable; only then does the runtime commit. What a step may raise:
   the records come again after the fix. Bugs are never dead-lettered.
 
 Dead letters keep the record's bytes and headers and add ``error``, ``stage`` and the original
-topic, partition and offset (:func:`shared.kafka.dead_letter_headers`). Past a budget (more than
-``dlq_max_ratio`` of the last ``dlq_window`` records) the runtime raises
-:class:`DeadLetterLimitExceeded` before producing them: a bad deploy must not empty a topic into
-the DLQ.
+topic, partition and offset (:func:`shared.kafka.dead_letter_headers`); once the broker acknowledged
+them, ``step.dead_lettered`` hears where they are (the writer audits them as failed). Past a budget
+(more than ``dlq_max_ratio`` of the last ``dlq_window`` records, from at least ``dlq_min_orgs``
+organizations) the runtime raises :class:`DeadLetterLimitExceeded` before producing them: a bad
+deploy must not empty a topic into the DLQ — but one tenant's bad records never stop the others.
 
 Rebalances: before partitions are revoked, the in-flight batch gets ``revoke_wait_seconds`` to
 finish and commit; past that it is abandoned — no more retries, no commit — and the partitions'
@@ -39,7 +40,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -73,11 +74,22 @@ class Batch:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A record that can never be processed, why (``error``) and where it failed (``stage``)."""
+    """A record that can never be processed, why (``error``), where it failed (``stage``) and whose
+    it is (``org``, when known: the budget tells one tenant's bad records from a systemic failure)."""
 
     record: ConsumerRecord
     error: str
     stage: str
+    org: str | None = None
+
+
+@dataclass(frozen=True)
+class SentLetter:
+    """A dead letter the broker acknowledged, and where it is in the dead-letter topic."""
+
+    letter: DeadLetter
+    partition: int
+    offset: int
 
 
 class Retry(Exception):
@@ -112,6 +124,10 @@ class Step:
     def recovered(self) -> None:
         """Called when an attempt succeeds after one or more retries."""
 
+    async def dead_lettered(self, sent: Sequence[SentLetter]) -> None:
+        """Called with the batch's dead letters once the broker acknowledged them, before the commit
+        (the writer audits them). May raise :class:`Retry`; it is then retried like ``process``."""
+
 
 @dataclass(frozen=True)
 class ConsumerConfig:
@@ -123,32 +139,47 @@ class ConsumerConfig:
     revoke_wait_seconds: float
     dlq_max_ratio: float
     dlq_window: int
+    dlq_min_orgs: int = 1
     retry_initial_seconds: float = 0.2
     retry_max_seconds: float = 5.0
 
 
 class DeadLetterBudget:
-    """Allows at most ``max_ratio`` of the last ``window`` records to be dead-lettered."""
+    """Allows at most ``max_ratio`` of the last ``window`` records to be dead-lettered — unless they
+    belong to fewer than ``min_orgs`` organizations: one tenant's bad records are that tenant's
+    problem (dead-lettered and audited), never a reason to stop every tenant. A systemic failure (a
+    bad deploy) dead-letters everybody's records and trips the budget."""
 
-    def __init__(self, max_ratio: float, window: int) -> None:
+    def __init__(self, max_ratio: float, window: int, min_orgs: int = 1) -> None:
         self._limit = max(1, int(max_ratio * window))
-        self._recent: collections.deque[bool] = collections.deque(maxlen=window)
+        self._min_orgs = max(1, min_orgs)
+        self._recent: collections.deque[tuple[bool, str | None]] = collections.deque(maxlen=window)
         self._dead = 0
+        self._orgs: collections.Counter[str | None] = collections.Counter()
 
-    def record(self, dead: bool) -> None:
-        if len(self._recent) == self._recent.maxlen and self._recent[0]:
-            self._dead -= 1
-        self._recent.append(dead)
-        self._dead += dead
-        if self._dead > self._limit:
+    def record(self, dead: bool, org: str | None = None) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            was_dead, was_org = self._recent[0]
+            if was_dead:
+                self._dead -= 1
+                self._orgs[was_org] -= 1
+                if not self._orgs[was_org]:
+                    del self._orgs[was_org]
+        self._recent.append((dead, org))
+        if dead:
+            self._dead += 1
+            self._orgs[org] += 1
+        if self._dead > self._limit and len(self._orgs) >= self._min_orgs:
             raise DeadLetterLimitExceeded(
-                f"{self._dead} of the last {len(self._recent)} records were dead-lettered "
-                f"(limit {self._limit}): stopping; fix the cause, then restart"
+                f"{self._dead} of the last {len(self._recent)} records of {len(self._orgs)} organizations were "
+                f"dead-lettered (limit {self._limit}): stopping; fix the cause, then restart"
             )
 
-    def record_batch(self, total: int, dead: int) -> None:
-        for n in range(total):
-            self.record(dead=n < dead)
+    def record_batch(self, total: int, dead: Sequence[DeadLetter]) -> None:
+        for letter in dead:
+            self.record(dead=True, org=letter.org)
+        for _ in range(total - len(dead)):
+            self.record(dead=False)
 
 
 class _InFlight:
@@ -172,7 +203,7 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
         self.step = step
         self.consumer = consumer
         self.producer = producer
-        self._budget = DeadLetterBudget(config.dlq_max_ratio, config.dlq_window)
+        self._budget = DeadLetterBudget(config.dlq_max_ratio, config.dlq_window, config.dlq_min_orgs)
         self._inflight: _InFlight | None = None
         self._paused = False
 
@@ -218,12 +249,14 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._resume()
                 return
             try:
-                self._budget.record_batch(len(batch), len(dead))
+                self._budget.record_batch(len(batch), dead)
             except DeadLetterLimitExceeded:
                 log.error("too many dead letters (last: %s); stopping with the batch uncommitted", dead[-1].error)
                 raise
-            for letter in dead:
-                await self._dead_letter(letter)
+            sent = [await self._dead_letter(letter) for letter in dead]
+            if sent and not await self._attempt(lambda: self.step.dead_lettered(sent), inflight, stop):
+                self._resume()
+                return
             self._observe(batch)
             if inflight.abandoned:
                 return
@@ -240,11 +273,21 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _process(self, inflight: _InFlight, stop: asyncio.Event) -> list[DeadLetter] | None:
         """The step's dead letters once an attempt succeeded; None when stopped or abandoned first."""
+        dead: list[DeadLetter] = []
+
+        async def process() -> None:
+            dead[:] = await self.step.process(inflight.batch)
+
+        return dead if await self._attempt(process, inflight, stop) else None
+
+    async def _attempt(self, work: Callable[[], Awaitable[None]], inflight: _InFlight, stop: asyncio.Event) -> bool:
+        """Run ``work`` until it does not raise :class:`Retry` (partitions paused meanwhile, backoff
+        doubling); False when the consumer is stopped or the batch abandoned first."""
         delay = self.config.retry_initial_seconds
         retried = False
         while True:
             try:
-                dead = list(await self.step.process(inflight.batch))
+                await work()
             except Retry as failure:
                 if not (stop.is_set() or inflight.abandoned):
                     retried = True
@@ -255,13 +298,13 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
                 if stop.is_set() or inflight.abandoned:
                     why = "stopping" if stop.is_set() else "abandoned at a rebalance"
                     log.warning("batch of %d left uncommitted (%s): it will be redelivered", len(inflight.batch), why)
-                    return None
+                    return False
                 delay = min(delay * 2, self.config.retry_max_seconds)
                 continue
             if retried:
                 self.step.recovered()
             self._resume()
-            return dead
+            return True
 
     async def _wait_paused(self, seconds: float, inflight: _InFlight, stop: asyncio.Event) -> None:
         """Wait ``seconds`` while polling with every partition paused: heartbeats and the poll
@@ -289,7 +332,7 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
             if assignment:
                 self.consumer.resume(*assignment)
 
-    async def _dead_letter(self, letter: DeadLetter) -> None:
+    async def _dead_letter(self, letter: DeadLetter) -> SentLetter:
         record = letter.record
         log.warning("dead-lettering %s[%d]@%d (%s): %s", record.topic, record.partition, record.offset, letter.stage,
                     letter.error)  # fmt: skip
@@ -301,10 +344,11 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
             partition=record.partition,
             offset=record.offset,
         )
-        await self.producer.send_and_wait(
+        meta = await self.producer.send_and_wait(
             self.config.dlq_topic, value=record.value or b"", key=record.key, headers=headers
         )
         metrics.DLQ_MESSAGES.labels(stage=self.step.name).inc()
+        return SentLetter(letter, meta.partition, meta.offset)
 
     def _observe(self, batch: Batch) -> None:
         group = self.config.group

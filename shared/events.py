@@ -101,6 +101,8 @@ class _Event(SentryFields):
     renamed_from: str | None = None
     # Extension: the replay that republished this event's raw record (``blametrail replay``), if any.
     replay_id: str | None = None
+    # Extension: what the router's boundary check changed (``time_out_of_range``, ``text_cleaned``).
+    flags: tuple[str, ...] = ()
 
 
 class RoutedEvent(_Event):

@@ -58,6 +58,11 @@ INGEST_PRODUCER_RESTARTS = Counter("blametrail_ingest_producer_restarts_total", 
 
 # Router
 ROUTER_EVENTS = Counter("blametrail_router_events_total", "Events routed or ignored, by reason", ["outcome", "reason"])
+ROUTER_FLAGGED = Counter(
+    "blametrail_router_flagged_events_total",
+    "Events whose values the boundary check replaced (times out of range) or cleaned (unstorable text)",
+    ["flag"],
+)
 ROUTER_RENAMED_PROJECTS = Counter(
     "blametrail_router_renamed_projects_total",
     "Events of a project renamed in Sentry, routed by its project id to the mapping of its old slug",

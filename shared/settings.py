@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     ingest_workers: int = Field(default=1, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     publish_timeout_ms: int = Field(default=300, ge=10)
+    # A sender whose request head, then body, does not arrive within this gets 408 and is disconnected.
+    ingest_read_timeout_seconds: float = Field(default=5.0, gt=0)
     secret_cache_ttl_seconds: float = Field(default=5.0, ge=0)
     # Local durable spool for when Kafka cannot acknowledge within publish_timeout_ms.
     spool_dir: str = "/var/tmp/blametrail-spool"
@@ -45,6 +47,10 @@ class Settings(BaseSettings):
     # Stop loudly when more than this share of the last dlq_window records went to the DLQ.
     router_dlq_max_ratio: float = Field(default=0.1, gt=0, le=1)
     router_dlq_window: int = Field(default=1000, ge=10)
+    # Sentry times further than this before or after the webhook's receipt are replaced by the
+    # receipt time (and flagged on the audit record): they cannot be right, and some cannot be read back.
+    event_time_before_days: float = Field(default=365, gt=0)
+    event_time_after_hours: float = Field(default=24, gt=0)
 
     # Incident writer
     writer_group: str = "blametrail-writer"
@@ -65,6 +71,9 @@ class Settings(BaseSettings):
     # At a rebalance, how long to let the in-flight batch commit before abandoning it (it is then
     # redelivered). Keep it well below the group's rebalance timeout (aiokafka: the 10 s session timeout).
     consumer_revoke_wait_seconds: float = Field(default=3.0, ge=0)
+    # The dead-letter budgets trip only when the dead letters come from at least this many
+    # organizations: one tenant's bad records never stop the others.
+    consumer_dlq_min_orgs: int = Field(default=3, ge=1)
 
     # Admin
     admin_host: str = "127.0.0.1"

@@ -6,6 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Boolean,
     DateTime,
@@ -136,6 +137,13 @@ class Incident(Base):
     __table_args__ = (
         UniqueConstraint("service_id", "incident_key"),
         Index("ix_incidents_org_id_status", "org_id", "status"),
+        # The tenant seal: an incident's service belongs to the incident's organization.
+        ForeignKeyConstraint(
+            ["org_id", "service_id"],
+            ["services.org_id", "services.id"],
+            name="fk_incidents_service_same_org",
+            ondelete="RESTRICT",
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -194,6 +202,12 @@ class AuditRecord(Base):
     replay_id: Mapped[str | None] = mapped_column(String(64))
     previous_outcome: Mapped[str | None] = mapped_column(String(16))
     previous_reason: Mapped[str | None] = mapped_column(String(32))
+    # What the router's boundary check changed in the delivery's values (``time_out_of_range``, …).
+    flags: Mapped[list[str] | None] = mapped_column(ARRAY(String(32)))
+    # Outcome ``failed``: the database's reason, and where the record's dead letter is (dlq topic).
+    error: Mapped[str | None] = mapped_column(Text)
+    dlq_partition: Mapped[int | None] = mapped_column(Integer)
+    dlq_offset: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class SentryIssueProject(Base):

@@ -251,14 +251,36 @@ async def test_mapping_changes_take_effect_while_running(
 async def test_dead_letter_budget_stops_the_router_loudly(
     topics: Settings, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
+    """A systemic failure: undecodable records of several organizations."""
     env = await make_env(topics, sessions, router_dlq_window=10, router_dlq_max_ratio=0.3)
     try:
         router = Router(env.settings)
         task = asyncio.create_task(router.run(asyncio.Event()))
-        for _ in range(5):
-            await env.producer.send_and_wait(env.topics.raw, value=b"garbage", headers=[("org", b"x")])
+        for n in range(5):
+            await env.producer.send_and_wait(env.topics.raw, value=b"garbage", headers=[("org", f"org-{n}".encode())])
         with pytest.raises(RuntimeError, match="dead-lettered"):
             await asyncio.wait_for(task, 30)
+    finally:
+        await env.producer.stop()
+
+
+async def test_one_organizations_bad_records_never_stop_the_router(
+    topics: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    env = await make_env(topics, sessions, router_dlq_window=10, router_dlq_max_ratio=0.3)
+    try:
+        router = Router(env.settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(router.run(stop))
+        for _ in range(20):
+            await env.producer.send_and_wait(env.topics.raw, value=b"garbage", headers=[("org", b"careless")])
+        await send_raw(env, issue_body("81", project="frontend"))
+        async with outputs(env) as out:
+            await out.wait_for_count(1, [env.topics.routed])
+            await out.wait_for_count(20, [env.topics.dlq])
+        assert not task.done(), task.exception() if task.done() else None
+        stop.set()
+        await asyncio.wait_for(task, 30)
     finally:
         await env.producer.stop()
 

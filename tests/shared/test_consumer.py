@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from shared.consumer import (
     DeadLetterLimitExceeded,
     OffsetOutOfRange,
     Retry,
+    SentLetter,
     Step,
 )
 
@@ -104,9 +106,10 @@ class FakeProducer:
 
     async def send_and_wait(
         self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]
-    ) -> None:
+    ) -> SimpleNamespace:
         self.consumer.events.append("dead_letter")
         self.sent.append((topic, value, dict(headers)))
+        return SimpleNamespace(partition=0, offset=len(self.sent) - 1)
 
 
 class ScriptedStep(Step):
@@ -121,6 +124,7 @@ class ScriptedStep(Step):
         self.started = asyncio.Event()
         self.retries: list[tuple[str, float]] = []
         self.recoveries = 0
+        self.audited: list[tuple[int, int, int]] = []
 
     async def process(self, batch: Batch) -> Sequence[DeadLetter]:
         self.started.set()
@@ -137,6 +141,10 @@ class ScriptedStep(Step):
 
     def recovered(self) -> None:
         self.recoveries += 1
+
+    async def dead_lettered(self, sent: Sequence[SentLetter]) -> None:
+        self.consumer.events.append("audited")
+        self.audited = [(s.letter.record.offset, s.partition, s.offset) for s in sent]
 
 
 def runtime(consumer: FakeConsumer, step: Step, **config: Any) -> ConsumerRuntime:
@@ -169,10 +177,12 @@ async def run_until_drained(rt: ConsumerRuntime, consumer: FakeConsumer) -> None
 
 async def test_commits_offset_plus_one_after_the_effect_and_dead_letters() -> None:
     consumer = FakeConsumer({TP0: [record(TP0, 4), record(TP0, 5)], TP1: [record(TP1, 9)]})
-    rt = runtime(consumer, ScriptedStep(consumer, [5]))
+    step = ScriptedStep(consumer, [5])
+    rt = runtime(consumer, step)
     await run_until_drained(rt, consumer)
-    assert consumer.events == ["effect", "dead_letter", "commit"]
+    assert consumer.events == ["effect", "dead_letter", "audited", "commit"]
     assert consumer.commits == [{TP0: 6, TP1: 10}]
+    assert step.audited == [(5, 0, 0)]  # the dead letter's place in the DLQ reaches the step
     [(topic, value, headers)] = rt.producer.sent
     assert (topic, value) == ("dlq", b"v")
     assert headers["h"] == b"1" and headers["stage"] == b"test.decode" and headers["error"] == b"cannot be read"
@@ -256,11 +266,23 @@ async def test_dead_letter_budget_stops_before_producing() -> None:
 
 def test_dead_letter_budget_is_a_sliding_window() -> None:
     budget = DeadLetterBudget(max_ratio=0.2, window=10)  # at most 2 of the last 10
-    budget.record_batch(10, 2)
-    budget.record_batch(10, 0)  # the two dead ones slid out
-    budget.record_batch(2, 2)
+    for n in range(10):
+        budget.record(dead=n < 2)
+    for _ in range(10):
+        budget.record(dead=False)  # the two dead ones slid out
+    budget.record(dead=True)
+    budget.record(dead=True)
     with pytest.raises(DeadLetterLimitExceeded):
         budget.record(dead=True)
+
+
+def test_one_tenants_bad_records_never_trip_the_budget() -> None:
+    budget = DeadLetterBudget(max_ratio=0.1, window=100, min_orgs=3)
+    for n in range(1000):
+        budget.record(dead=n % 2 == 0, org="acme" if n % 2 == 0 else None)  # half of everything: acme's
+    budget.record(dead=True, org="globex")  # two tenants: still not systemic
+    with pytest.raises(DeadLetterLimitExceeded, match="3 organizations"):
+        budget.record(dead=True, org="initech")
 
 
 async def test_a_new_group_starts_at_the_beginning_and_out_of_range_fails_loudly() -> None:

@@ -1,0 +1,60 @@
+"""The boundary check, without Kafka or Postgres: every value the writer stores can be read back."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from router.boundary import TEXT_CLEANED, TIME_OUT_OF_RANGE, TimeWindow, sanitize
+from shared.sentry import ParsedWebhook, ProjectRef, parse_webhook
+from shared.storable import clean
+from tests.support.sentry import payload
+
+RECEIVED = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+WINDOW = TimeWindow.of(365, 24)
+
+
+def test_a_time_past_year_9999_in_utc_is_replaced_by_the_receipt_and_flagged() -> None:
+    body = payload("issue.created")
+    body["data"]["issue"]["lastSeen"] = "9999-12-31T23:59:59-14:00"  # year 10000 once in UTC
+    parsed = parse_webhook("issue", body)
+    assert parsed.occurred_at is not None
+    clean_parsed, flags = sanitize(parsed, RECEIVED, WINDOW)
+    assert clean_parsed.occurred_at == RECEIVED and flags == (TIME_OUT_OF_RANGE,)
+
+
+def test_the_window_is_a_year_before_and_a_day_after() -> None:
+    for offset, kept in [
+        (timedelta(days=-364), True),
+        (timedelta(hours=23), True),
+        (timedelta(days=-366), False),
+        (timedelta(hours=25), False),
+    ]:
+        parsed = ParsedWebhook("error", "created", occurred_at=RECEIVED + offset)
+        out, flags = sanitize(parsed, RECEIVED, WINDOW)
+        assert (out.occurred_at == RECEIVED + offset) is kept and (flags == ()) is kept, offset
+
+
+def test_unstorable_characters_are_removed_from_every_string_and_flagged() -> None:
+    parsed = ParsedWebhook(
+        "issue",
+        "created",
+        projects=(ProjectRef("web", "45\x0005"),),
+        sentry_issue_id="12\x0034",
+        event_id="ab\ud800cd",
+        title="Boom\x00!",
+        culprit="\x00",
+    )
+    out, flags = sanitize(parsed, RECEIVED, WINDOW)
+    assert flags == (TEXT_CLEANED,)
+    assert (out.sentry_issue_id, out.event_id, out.title, out.culprit) == ("1234", "abcd", "Boom!", None)
+    assert out.projects == (ProjectRef("web", "4505"),)
+    # Every delivery of the issue is cleaned alike: one Sentry issue stays one incident.
+    assert sanitize(parsed, RECEIVED + timedelta(minutes=5), WINDOW)[0].incident_key == out.incident_key == "issue:1234"
+
+
+def test_clean_values_pass_unchanged() -> None:
+    parsed = parse_webhook("issue", payload("issue.created"))
+    parsed = ParsedWebhook(**{**parsed.__dict__, "occurred_at": RECEIVED})
+    out, flags = sanitize(parsed, RECEIVED, WINDOW)
+    assert out is parsed and flags == ()
+    assert clean(None) is None and clean("x" * 100, 64) == "x" * 64
