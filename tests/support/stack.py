@@ -40,6 +40,7 @@ class Stack:
     webhook_url: str
     processes: list[ServiceProcess]
     client: httpx.AsyncClient
+    api_token: str = ""
 
 
 def cli(env: dict[str, str], *args: str) -> str:
@@ -90,7 +91,9 @@ async def running_stack(topics: Settings, log_dir: Path) -> AsyncIterator[Stack]
 
     try:
         await wait_until(ingest_ready, within=60, what="ingest /readyz")
-        yield Stack(settings, org, created["client_secret"], created["webhook_url"], processes, client)
+        yield Stack(
+            settings, org, created["client_secret"], created["webhook_url"], processes, client, created["api_token"]
+        )
     finally:
         await client.aclose()
         codes = {p.command: p.stop() for p in processes}
