@@ -38,6 +38,16 @@ class MappingCache:
         """The org's mappings, or None when the org does not exist."""
         return self._orgs.get(org)
 
+    async def lookup_new(self, org: str, min_interval: float = 1.0) -> OrgMappings | None:
+        """:meth:`lookup`, reloading first when the org is unknown and the last reload is older than
+        ``min_interval``: an org created a moment ago (its NOTIFY still on the way) is found at once.
+        Ingest refuses unknown orgs, so an unknown org here is rare; the interval bounds the cost."""
+        found = self._orgs.get(org)
+        if found is None and self.age_seconds >= min_interval:
+            await self.load("unknown_org")
+            found = self._orgs.get(org)
+        return found
+
     @property
     def age_seconds(self) -> float:
         return time.monotonic() - self._loaded_at

@@ -183,6 +183,8 @@ class RouterStep(Step):
             if delivery.replay_id:
                 metrics.REPLAYED_RECORDS.labels(topic="raw").inc()
             org_mappings = self.cache.lookup(delivery.org)
+            if org_mappings is None:
+                org_mappings = await self.cache.lookup_new(delivery.org)
             if delivery.issue_only and org_mappings is not None:
                 delivery = await self._with_issue_project(delivery)
             outputs = route_delivery(delivery, org_mappings, self.topics)

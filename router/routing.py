@@ -55,9 +55,6 @@ class OrgMappings:
                 return found
         return self.by_slug.get(project.slug)
 
-    def __len__(self) -> int:
-        return len({m.id for m in self.by_slug.values()})
-
 
 @dataclass(frozen=True)
 class Decision:

@@ -4,6 +4,7 @@ is still audited, and the admin API still reads the org's incidents."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
@@ -11,10 +12,11 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from admin.app import create_app
+from shared.mappings import unmapped_projects
 from shared.settings import Settings
-from tests.support import wait_until
-from tests.support.sentry import payload, project_id
-from tests.support.stack import Stack, audit_for, incidents_for, post
+from tests.support import settings_env, signed_headers, wait_until
+from tests.support.sentry import issue_body, payload, project_id
+from tests.support.stack import Stack, audit_for, cli, incidents_for, post
 
 pytestmark = pytest.mark.integration
 
@@ -69,3 +71,20 @@ async def test_a_year_10000_time_and_a_nul_stop_nothing(
     assert any(i["sentry_issue_id"] == "7777" for i in response.json()["items"])
     audit = await admin.get("/api/v1/integrations/sentry/audit", params={"project": "payments-api"})
     assert audit.status_code == 200, audit.text
+
+
+async def test_a_new_org_is_live_at_once(stack: Stack, sessions: async_sessionmaker[AsyncSession]) -> None:
+    """Created a moment ago: its first webhook is audited as unmapped (in its inbox), not unknown."""
+    env = settings_env(stack.settings)
+    org = f"new-{uuid.uuid4().hex[:8]}"
+    created = json.loads(cli(env, "org", "create", org))
+    body = issue_body("5100001", project="fresh-project")
+    response = await stack.client.post(
+        created["webhook_url"], content=body, headers=signed_headers(created["client_secret"], body, "issue")
+    )
+    assert response.status_code == 200, response.text
+    [record] = await wait_until(lambda: audit_for(sessions, org, "fresh-project"), within=60, what="audit")
+    assert (record.outcome, record.reason) == ("ignored", "unmapped")
+    async with sessions() as session:
+        inbox = await unmapped_projects(session, record.org_id or 0)
+    assert [p.slug for p in inbox] == ["fresh-project"]
