@@ -16,7 +16,7 @@ The flags travel on the event (``flags``) to its audit record.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from shared.sentry import ParsedWebhook, ProjectRef
@@ -62,4 +62,4 @@ def sanitize(parsed: ParsedWebhook, received_at: datetime, window: TimeWindow) -
     if occurred is not None and not (received_at - window.before <= occurred <= received_at + window.after):
         changes["occurred_at"] = received_at
         flags.append(TIME_OUT_OF_RANGE)
-    return (replace(parsed, **changes) if changes else parsed), tuple(flags)  # type: ignore[arg-type]
+    return (parsed.model_copy(update=changes) if changes else parsed), tuple(flags)

@@ -199,7 +199,7 @@ class RouterStep(Step):
         project = await self.issues.lookup(delivery.org, delivery.parsed.sentry_issue_id)
         if project is None:
             return delivery
-        return replace(delivery, parsed=replace(delivery.parsed, projects=(project,)))
+        return replace(delivery, parsed=delivery.parsed.model_copy(update={"projects": (project,)}))
 
 
 class Router:

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.sentry import ParsedWebhook
+from shared.sentry import SENTRY_FIELDS, ParsedWebhook, SentryFields
 
 SCHEMA_VERSION = 1
 
@@ -62,35 +62,13 @@ class RawRef(BaseModel):
     offset: int
 
 
-class SentryFields(BaseModel):
-    """What the Sentry body said, as the parser (:class:`shared.sentry.ParsedWebhook`) found it.
-
-    Each name here is an attribute of ``ParsedWebhook`` too; :func:`event_fields` copies them by name.
-    """
-
+class _Event(SentryFields):
     model_config = ConfigDict(frozen=True)
 
-    resource: str
-    action: str
-    sentry_issue_id: str | None = None
+    v: int = SCHEMA_VERSION
     # Extension of the DESIGN.md field list: the incident identity (``issue:{id}`` or
     # ``metric_alert:{identifier}``), so the writer need not know each resource's shape.
     incident_key: str | None = None
-    event_id: str | None = None
-    title: str | None = None
-    level: str | None = None
-    culprit: str | None = None
-    web_url: str | None = None
-    occurred_at: datetime | None = None
-    # Extension: an ``activity_alert``'s ``data.activity.type`` (it decides the incident's state).
-    activity_type: str | None = None
-
-
-SENTRY_FIELDS = tuple(SentryFields.model_fields)
-
-
-class _Event(SentryFields):
-    v: int = SCHEMA_VERSION
     delivery_id: str
     org: str
     project_slug: str | None
@@ -134,6 +112,7 @@ def event_fields(
     """The common fields of a routed or ignored event for one project of a parsed webhook."""
     fields: dict[str, object] = {name: getattr(parsed, name) for name in SENTRY_FIELDS}
     fields.update(
+        incident_key=parsed.incident_key,
         delivery_id=delivery,
         org=org,
         project_slug=project_slug,

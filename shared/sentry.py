@@ -8,10 +8,12 @@ turns into an ``ignored`` event with reason ``no_project``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict
 
 SLUG_RE = re.compile(r"^(?![0-9]+$)[a-z0-9_-]{1,100}$")
 
@@ -40,15 +42,15 @@ class ProjectRef:
     id: str | None = None
 
 
-@dataclass(frozen=True)
-class ParsedWebhook:
-    """What BlameTrail needs from one Sentry body. ``projects`` is empty when none was found."""
+class SentryFields(BaseModel):
+    """What a Sentry body says about one event: the one list of these fields. The parser's
+    :class:`ParsedWebhook` and the routed/ignored events (``shared.events``) both extend it."""
+
+    model_config = ConfigDict(frozen=True)
 
     resource: str
     action: str
-    projects: tuple[ProjectRef, ...] = ()
     sentry_issue_id: str | None = None
-    alert_identifier: str | None = None
     event_id: str | None = None
     title: str | None = None
     level: str | None = None
@@ -57,6 +59,16 @@ class ParsedWebhook:
     occurred_at: datetime | None = None
     # ``activity_alert``: what happened to the issue (``data.activity.type``, e.g. ``status_resolved``).
     activity_type: str | None = None
+
+
+SENTRY_FIELDS = tuple(SentryFields.model_fields)
+
+
+class ParsedWebhook(SentryFields):
+    """What BlameTrail needs from one Sentry body. ``projects`` is empty when none was found."""
+
+    projects: tuple[ProjectRef, ...] = ()
+    alert_identifier: str | None = None
 
     @property
     def known_resource(self) -> bool:
@@ -211,11 +223,12 @@ def _parse_comment(action: str, data: dict[str, Any]) -> ParsedWebhook:
 def _parse_activity_alert(action: str, data: dict[str, Any]) -> ParsedWebhook:
     parsed = _parse_issue(action, data)
     alert = _obj(data.get("alert"))
-    return replace(
-        parsed,
-        resource=ACTIVITY_ALERT,
-        web_url=parsed.web_url or _text(alert.get("web_url")),
-        activity_type=_text(_obj(data.get("activity")).get("type"), 64),
+    return parsed.model_copy(
+        update={
+            "resource": ACTIVITY_ALERT,
+            "web_url": parsed.web_url or _text(alert.get("web_url")),
+            "activity_type": _text(_obj(data.get("activity")).get("type"), 64),
+        }
     )
 
 

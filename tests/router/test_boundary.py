@@ -29,15 +29,15 @@ def test_the_window_is_a_year_before_and_a_day_after() -> None:
         (timedelta(days=-366), False),
         (timedelta(hours=25), False),
     ]:
-        parsed = ParsedWebhook("error", "created", occurred_at=RECEIVED + offset)
+        parsed = ParsedWebhook(resource="error", action="created", occurred_at=RECEIVED + offset)
         out, flags = sanitize(parsed, RECEIVED, WINDOW)
         assert (out.occurred_at == RECEIVED + offset) is kept and (flags == ()) is kept, offset
 
 
 def test_unstorable_characters_are_removed_from_every_string_and_flagged() -> None:
     parsed = ParsedWebhook(
-        "issue",
-        "created",
+        resource="issue",
+        action="created",
         projects=(ProjectRef("web", "45\x0005"),),
         sentry_issue_id="12\x0034",
         event_id="ab\ud800cd",
@@ -54,7 +54,7 @@ def test_unstorable_characters_are_removed_from_every_string_and_flagged() -> No
 
 def test_clean_values_pass_unchanged() -> None:
     parsed = parse_webhook("issue", payload("issue.created"))
-    parsed = ParsedWebhook(**{**parsed.__dict__, "occurred_at": RECEIVED})
+    parsed = parsed.model_copy(update={"occurred_at": RECEIVED})
     out, flags = sanitize(parsed, RECEIVED, WINDOW)
     assert out is parsed and flags == ()
     assert clean(None) is None and clean("x" * 100, 64) == "x" * 64

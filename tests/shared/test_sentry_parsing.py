@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from shared.events import SENTRY_FIELDS
+from shared.events import IgnoredEvent, RawRef, RoutedEvent, event_fields
 from shared.sentry import (
+    SENTRY_FIELDS,
     ParsedWebhook,
     is_valid_slug,
     parse_webhook,
@@ -229,9 +230,13 @@ def test_partition_key_prefers_issue_then_project_then_org() -> None:
     assert partition_key("o", parse_webhook(*load("installation.created.json"))) == "o"
 
 
-def test_the_parser_provides_every_sentry_field_of_an_event() -> None:
+def test_routed_and_ignored_events_carry_every_sentry_field_the_parser_finds() -> None:
     parsed = parse_webhook("issue", load("issue.created.json")[1])
-    assert all(hasattr(parsed, name) for name in SENTRY_FIELDS)
+    assert set(SENTRY_FIELDS) <= set(RoutedEvent.model_fields) & set(IgnoredEvent.model_fields)
+    fields = event_fields(parsed, delivery="d", org="o", project_slug="p", project_id=None,
+                          received_at=datetime.now(UTC), raw=RawRef(topic="t", partition=0, offset=0))  # fmt: skip
+    assert {name: fields[name] for name in SENTRY_FIELDS} == {name: getattr(parsed, name) for name in SENTRY_FIELDS}
+    assert fields["incident_key"] == "issue:1170820242"
 
 
 def test_activity_alert_carries_its_activity_type() -> None:
