@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -26,14 +26,6 @@ from tests.support.writer import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-async def stream(migrated: Settings) -> AsyncIterator[Settings]:
-    """Topics of this module's own, with one writer running on them for all its tests."""
-    settings = await isolated_settings(migrated, "rules")
-    async with running_writer(settings):
-        yield settings
 
 
 async def test_first_occurrence_opens_and_later_occurrences_update(

@@ -6,7 +6,6 @@ effect once; a routed one never moves; events apply by their original time.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
@@ -21,23 +20,14 @@ from tests.support.writer import (
     Org,
     audit_records,
     incidents,
-    isolated_settings,
     make_org,
     produce,
     routed,
-    running_writer,
     timeline,
     wait_for_audit,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-async def stream(migrated: Settings) -> AsyncIterator[Settings]:
-    settings = await isolated_settings(migrated, "replays")
-    async with running_writer(settings):
-        yield settings
 
 
 def was_ignored(event: RoutedEvent, reason: Reason = Reason.UNMAPPED) -> IgnoredEvent:
