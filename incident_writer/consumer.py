@@ -242,16 +242,12 @@ class IncidentWriter:
         self.topics = Topics.from_settings(settings)
         self._engine = create_engine(settings, pool_size=2)
         producer = make_producer(settings, client_id="blametrail-writer")
-        config = ConsumerConfig(
+        config = ConsumerConfig.of(
+            settings,
             group=settings.writer_group,
             topics=(self.topics.routed, self.topics.ignored),
-            dlq_topic=self.topics.dlq,
-            batch_max=settings.consumer_batch_max,
-            batch_timeout_ms=settings.consumer_batch_timeout_ms,
-            revoke_wait_seconds=settings.consumer_revoke_wait_seconds,
             dlq_max_ratio=settings.writer_dlq_max_ratio,
             dlq_window=settings.writer_dlq_window,
-            dlq_min_orgs=settings.consumer_dlq_min_orgs,
             retry_initial_seconds=settings.writer_retry_initial_seconds,
             retry_max_seconds=settings.writer_retry_max_seconds,
         )

@@ -211,16 +211,12 @@ class Router:
         sessions = sessionmaker(self._engine)
         self.cache = MappingCache(sessions, libpq_url(settings), settings.mapping_refresh_seconds)
         producer = make_producer(settings, client_id="blametrail-router")
-        config = ConsumerConfig(
+        config = ConsumerConfig.of(
+            settings,
             group=settings.router_group,
             topics=(self.topics.raw,),
-            dlq_topic=self.topics.dlq,
-            batch_max=settings.consumer_batch_max,
-            batch_timeout_ms=settings.consumer_batch_timeout_ms,
-            revoke_wait_seconds=settings.consumer_revoke_wait_seconds,
             dlq_max_ratio=settings.router_dlq_max_ratio,
             dlq_window=settings.router_dlq_window,
-            dlq_min_orgs=settings.consumer_dlq_min_orgs,
         )
         consumer = make_consumer(settings, group_id=config.group, client_id="blametrail-router")
         window = TimeWindow.of(settings.event_time_before_days, settings.event_time_after_hours)

@@ -50,6 +50,8 @@ from aiokafka.structs import ConsumerRecord
 
 from shared import metrics
 from shared.kafka import dead_letter_headers
+from shared.settings import Settings
+from shared.topics import Topics
 
 log = logging.getLogger("blametrail.consumer")
 
@@ -142,6 +144,31 @@ class ConsumerConfig:
     dlq_min_orgs: int = 1
     retry_initial_seconds: float = 0.2
     retry_max_seconds: float = 5.0
+
+    @classmethod
+    def of(
+        cls,
+        settings: Settings,
+        *,
+        group: str,
+        topics: tuple[str, ...],
+        dlq_max_ratio: float,
+        dlq_window: int,
+        **retry: float,
+    ) -> ConsumerConfig:
+        """A service's consumer: its group, topics and budget; the shared ``consumer_*`` settings."""
+        return cls(
+            group=group,
+            topics=topics,
+            dlq_topic=Topics.from_settings(settings).dlq,
+            batch_max=settings.consumer_batch_max,
+            batch_timeout_ms=settings.consumer_batch_timeout_ms,
+            revoke_wait_seconds=settings.consumer_revoke_wait_seconds,
+            dlq_max_ratio=dlq_max_ratio,
+            dlq_window=dlq_window,
+            dlq_min_orgs=settings.consumer_dlq_min_orgs,
+            **retry,
+        )  # fmt: skip
 
 
 class DeadLetterBudget:
