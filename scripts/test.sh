@@ -18,10 +18,12 @@ log "mypy"
 mypy
 
 # Debian packages the tests drive: Chromium for the browser tests (Playwright without its own
-# browser download), docker-compose to check docker-compose.yml with the real parser (`config -q`).
+# browser download), docker-compose to check docker-compose.yml with the real parser (`config -q`),
+# prometheus for promtool (the alert rules' checks and unit tests).
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if (( ${#need[@]} )); then
   log "installing ${need[*]} for the tests (apt-get)"
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"

@@ -1,11 +1,15 @@
-"""The alerting rules parse and name only metrics that the services define."""
+"""The alerting rules: valid for Prometheus (promtool), unit-tested rule by rule, and naming only
+metrics that the services define."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client import REGISTRY
 
@@ -46,3 +50,33 @@ def test_prometheus_loads_the_rules() -> None:
     assert "/etc/prometheus/alerts.yml" in config["rule_files"]
     compose = (ROOT / "docker-compose.yml").read_text()
     assert "./deploy/alerts.yml:/etc/prometheus/alerts.yml" in compose
+
+
+def promtool() -> str:
+    """Debian's promtool (package prometheus; scripts/test.sh installs it)."""
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.fail("promtool not found: install Debian's prometheus package (scripts/test.sh does)")
+    return found
+
+
+def test_promtool_checks_the_rules() -> None:
+    done = subprocess.run([promtool(), "check", "rules", "deploy/alerts.yml"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_rule_passes_its_promtool_unit_test() -> None:
+    done = subprocess.run(
+        [promtool(), "test", "rules", "deploy/alerts.test.yml"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rules: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())
+    tests: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "alerts.test.yml").read_text())
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    tested = {
+        case["alertname"]
+        for test in tests["tests"]
+        for case in test.get("alert_rule_test", ())
+        if case.get("exp_alerts")  # a test that expects the alert to fire
+    }
+    assert alerts == tested, f"rules without a firing test: {sorted(alerts - tested)}"
