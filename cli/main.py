@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli import CliError, orgs, services
+from cli import CliError, orgs, replay, services
 from shared.settings import get_settings
 
 
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     services.add_commands(sub)
     orgs.add_commands(sub)
+    replay.add_commands(sub)
     return parser
 
 

@@ -46,7 +46,7 @@ def run_router(args: argparse.Namespace, settings: Settings) -> None:
     from router.consumer import Router
     from shared.runtime import run_until_signalled, serve_metrics
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, service="router", fmt=settings.log_format)
     serve_metrics(settings.router_metrics_port)
     run_until_signalled(lambda stop: Router(settings).run(stop))
 
@@ -55,7 +55,7 @@ def run_writer(args: argparse.Namespace, settings: Settings) -> None:
     from incident_writer.consumer import IncidentWriter
     from shared.runtime import run_until_signalled, serve_metrics
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, service="writer", fmt=settings.log_format)
     serve_metrics(settings.writer_metrics_port)
     run_until_signalled(lambda stop: IncidentWriter(settings).run(stop))
 

@@ -143,6 +143,14 @@ class WriterStep(Step):
         for result in results:
             total.add(result)
         self._observe(total)
+        for item in items:
+            e = item.event
+            key = (e.delivery_id, e.project_slug)
+            log.info(
+                "written" if key in total.applied else "duplicate",
+                extra={"delivery_id": e.delivery_id, "org": e.org, "project": e.project_slug, "outcome": e.outcome,
+                       "replay_id": e.replay_id},
+            )  # fmt: skip
         dead = [DeadLetter(record, error, "writer.decode", _header(record, H_ORG)) for record, error in invalid]
         self._failed = {}
         by_event = {id(item.event): item for item in items}

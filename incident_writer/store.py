@@ -101,6 +101,8 @@ class BatchResult:
     timeline: int = 0
     # Events refused before writing, and why: a routed event naming another org's service.
     refused: list[tuple[OutputEvent, str]] = field(default_factory=list)
+    # (delivery_id, project_slug) of the events that took effect (new or upgraded audit records).
+    applied: set[tuple[str, str | None]] = field(default_factory=set)
 
     def add(self, other: BatchResult) -> None:
         self.written += other.written
@@ -108,6 +110,7 @@ class BatchResult:
         self.changes.update(other.changes)
         self.timeline += other.timeline
         self.refused += other.refused
+        self.applied |= other.applied
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ async def write_batch(session: AsyncSession, batch: Sequence[OutputEvent]) -> Ba
     existing = await _lock_incidents(session, keys) if keys else {}
     new = await _insert_audit(session, events, org_ids, existing)
     result.written = len(new)
+    result.applied = {(e.delivery_id, e.project_slug) for _, e in new}
     result.duplicates += len(events) - len(new)
     groups: dict[IncidentKey, list[_New]] = {}
     for audit_id, event in new:

@@ -138,6 +138,12 @@ def route_delivery(delivery: Delivery, org_mappings: OrgMappings | None, topics:
             )
             topic, reason = topics.ignored, decision.reason.value
         metrics.ROUTER_EVENTS.labels(outcome=event.outcome, reason=reason).inc()
+        log.info(
+            event.outcome,
+            extra={"delivery_id": event.delivery_id, "org": event.org, "resource": event.resource,
+                   "action": event.action, "project": event.project_slug, "reason": reason or None,
+                   "service_id": event.service_id, "replay_id": event.replay_id, "flags": list(event.flags) or None},
+        )  # fmt: skip
         outputs.append(Output(topic, delivery.key, event.model_dump_json().encode(), out_headers))
     return outputs
 

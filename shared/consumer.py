@@ -49,7 +49,8 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, NoOffsetForPar
 from aiokafka.structs import ConsumerRecord
 
 from shared import metrics
-from shared.kafka import dead_letter_headers
+from shared.events import H_DELIVERY_ID
+from shared.kafka import dead_letter_headers, header_map
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -361,8 +362,9 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _dead_letter(self, letter: DeadLetter) -> SentLetter:
         record = letter.record
+        delivery = header_map(record.headers or ()).get(H_DELIVERY_ID)
         log.warning("dead-lettering %s[%d]@%d (%s): %s", record.topic, record.partition, record.offset, letter.stage,
-                    letter.error)  # fmt: skip
+                    letter.error, extra={"delivery_id": delivery, "org": letter.org})  # fmt: skip
         headers = dead_letter_headers(
             record.headers,
             error=letter.error,

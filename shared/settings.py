@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +19,8 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+psycopg://blametrail@127.0.0.1:5432/blametrail"
     topic_prefix: str = ""
     public_url: str = "http://127.0.0.1:8000"
+    # Service logs: "json" lines (one webhook followable by delivery_id) or "text" for humans.
+    log_format: Literal["json", "text"] = "json"
 
     # Topics
     topic_partitions: int = Field(default=6, ge=1)

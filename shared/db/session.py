@@ -7,8 +7,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from shared.settings import Settings
 
 
-def create_engine(settings: Settings, *, pool_size: int = 5) -> AsyncEngine:
-    return create_async_engine(settings.database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+def create_engine(settings: Settings, *, pool_size: int = 5, connect_timeout: int | None = None) -> AsyncEngine:
+    """The pool pings a connection before lending it, so it reconnects by itself after a database restart.
+    ``connect_timeout`` (seconds, libpq's; at least 2) bounds a connect to an unreachable host: by default
+    there is none (the OS gives up after minutes)."""
+    connect_args = {} if connect_timeout is None else {"connect_timeout": connect_timeout}
+    return create_async_engine(
+        settings.database_url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args=connect_args,
+    )
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:  # type: ignore[type-arg]
