@@ -32,7 +32,7 @@ def run_ingest(args: argparse.Namespace, settings: Settings) -> None:
         settings.ingest_port,
         workers=args.workers or settings.ingest_workers,
         loop="uvloop",
-        http="httptools",
+        http="ingest.http_limits:IngestHttpProtocol",
         timeout_graceful_shutdown=10,
         access_log=False,
     )

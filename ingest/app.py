@@ -10,7 +10,9 @@ Answers (every one counted in ``blametrail_ingest_requests_total`` by resource a
 - 401 ``bad_signature``: missing/invalid signature, unknown org, wrong or disabled legacy token —
   one body for all, so org slugs cannot be enumerated;
 - 400 ``bad_json``: the body is not JSON (the message says why);
+- 408 ``timeout``: the body did not arrive within ``BLAMETRAIL_INGEST_READ_TIMEOUT_SECONDS``;
 - 413 ``too_large``: over ``BLAMETRAIL_MAX_BODY_BYTES`` (declared or counted while streaming);
+- 431 ``headers_too_large``: over 100 headers or 16 KiB of head (``ingest/http_limits.py``);
 - 503 ``unavailable`` with ``Retry-After``: the event could not be made durable (or the database
   holding the secrets is down and nothing is cached).
 
@@ -19,24 +21,28 @@ Never a 3xx: Sentry counts a redirect as delivered.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ingest.async_spool import AsyncSpool
+from ingest.http_limits import HeadLimits
 from ingest.kafka import Producer
 from ingest.publish import Publisher, Unavailable
 from ingest.record import RawRecord
@@ -65,6 +71,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    pass
+
+
 @dataclass
 class IngestState:
     settings: Settings
@@ -76,9 +86,12 @@ class IngestState:
 
 # An endpoint body: the response and its outcome label.
 Handler = Callable[[IngestState, Request], Awaitable[tuple[Response, str]]]
+Lifespan: TypeAlias = Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]
+# Answers after which the rest of the body is not read: the connection is closed, freeing its slot.
+CLOSE = {"Connection": "close"}
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
@@ -91,18 +104,23 @@ def _unavailable(message: str) -> tuple[Response, str]:
     return _error(503, "unavailable", message, {"Retry-After": RETRY_AFTER}), "unavailable"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing more than ``limit`` bytes: Content-Length first, then counted bytes."""
+async def read_body(request: Request, limit: int, within: float) -> bytes:
+    """The raw body, refusing more than ``limit`` bytes (Content-Length first, then counted bytes)
+    and a body still incomplete after ``within`` seconds (stalled or trickling sender)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(within):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout from None
     return b"".join(chunks)
 
 
@@ -135,12 +153,16 @@ async def _receive(
 
     An unknown org, an invalid slug and a failed check all get the same 401 (no org enumeration).
     """
+    settings = state.settings
     try:
-        body = await read_body(request, state.settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.ingest_read_timeout_seconds)
     except BodyTooLarge:
         return _too_large(state)
-    except ClientDisconnect:
-        return Response(status_code=400), "disconnected"
+    except BodyTimeout:
+        message = f"body not received within {settings.ingest_read_timeout_seconds:g} s"
+        return _error(408, "timeout", message, CLOSE), "timeout"
+    except ClientDisconnect:  # nobody reads this answer
+        return _error(400, "disconnected", "the client disconnected"), "disconnected"
     metrics.INGEST_BODY_BYTES.observe(len(body))
     try:
         known = await credentials.get(org) if is_valid_slug(org) else None
@@ -187,7 +209,7 @@ async def legacy_webhook(request: Request) -> Response:
 
 def _too_large(state: IngestState) -> tuple[Response, str]:
     limit = state.settings.max_body_bytes
-    return _error(413, "too_large", f"body is larger than {limit} bytes"), "too_large"
+    return _error(413, "too_large", f"body is larger than {limit} bytes", CLOSE), "too_large"
 
 
 async def _publish(state: IngestState, request: Request, org: str, resource: str, body: bytes) -> tuple[Response, str]:
@@ -197,13 +219,14 @@ async def _publish(state: IngestState, request: Request, org: str, resource: str
         return _error(400, "bad_json", f"body is not valid JSON: {exc}"), "bad_json"
 
     received_at = events.utc_now()
+    delivery = events.delivery_id(org, resource, body)
     headers = (
         (events.H_ORG, org.encode()),
         (events.H_RESOURCE, resource.encode()),
         (events.H_REQUEST_ID, (request.headers.get("request-id") or uuid.uuid4().hex)[:64].encode()),
         (events.H_HOOK_TIMESTAMP, (request.headers.get("sentry-hook-timestamp") or "")[:32].encode()),
         (events.H_RECEIVED_AT, events.rfc3339(received_at).encode()),
-        (events.H_DELIVERY_ID, events.delivery_id(org, resource, body).encode()),
+        (events.H_DELIVERY_ID, delivery.encode()),
         (events.H_CONTENT_TYPE, (request.headers.get("content-type") or "")[:100].encode()),
         (events.H_INGEST_VERSION, INGEST_VERSION.encode()),
     )
@@ -216,9 +239,17 @@ async def _publish(state: IngestState, request: Request, org: str, resource: str
     try:
         outcome = await state.publisher.publish(record)
     except Unavailable as exc:
-        log.error("webhook of org %s could not be made durable: %s", org, exc)
+        log.error("webhook of org %s could not be made durable: %s", org, exc, extra={"delivery_id": delivery})
         return _unavailable("event could not be made durable; retry")
+    log.info(outcome.value, extra={"delivery_id": delivery, "org": org, "resource": resource})
     return JSONResponse({"status": outcome.value}), outcome.value
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own answers (no such path, wrong method) in the JSON error shape too."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    return _error(exc.status_code, code, exc.detail, exc.headers)
 
 
 async def healthz(request: Request) -> Response:
@@ -244,7 +275,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     usable: ingest must not run without its durability net), starts the publisher and, on shutdown,
     stops draining, flushes the producer and leaves unsent rows in the spool for the next start."""
     settings = settings or get_settings()
-    setup_logging()
+    setup_logging(service="ingest", fmt=settings.log_format)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -286,6 +317,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await publisher.close()
             await engine.dispose()
 
+    return build_app(lifespan)
+
+
+def build_app(lifespan: Lifespan) -> Starlette:
+    """Ingest's endpoints behind the head limits; ``lifespan`` sets ``app.state.ingest``."""
     routes = [
         Route("/webhooks/sentry/{org}", webhook, methods=["POST"]),
         # Sentry counts a 3xx as success and does not follow it: the slash variant is served, never redirected.
@@ -296,6 +332,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(HeadLimits)],
+        exception_handlers={HTTPException: _http_error},
+    )
     app.router.redirect_slashes = False
     return app

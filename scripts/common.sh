@@ -30,6 +30,23 @@ for port in ([want] if want else []) + [0]:
 PY
 }
 
+# pick_port WHAT [previous]: the previous port of WHAT while it is free (kept across stop/start, so
+# clients reconnect); when another process holds it, a new one, and says so on stderr.
+pick_port() {
+  local what=$1 previous=${2:-} port
+  port=$(free_port "$previous")
+  if [[ -n "$previous" && "$port" != "$previous" ]]; then
+    log "$what port $previous is taken by another process: using $port instead"
+  fi
+  echo "$port"
+}
+
+# write_private FILE COMMAND...: COMMAND's output into FILE, readable by its owner only (secrets).
+write_private() {
+  local file=$1; shift
+  (umask 077 && : > "$file" && chmod 600 "$file" && "$@" > "$file")
+}
+
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND until it succeeds or the deadline passes.

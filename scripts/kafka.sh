@@ -5,6 +5,7 @@
 #                               clients, writes $RUN_DIR/kafka.env (BLAMETRAIL_KAFKA_BOOTSTRAP=...)
 #   scripts/kafka.sh stop | status
 # Safe to run twice, after a crash (stale pid file) and when 9092 is busy.
+# stop keeps the data and kafka.env: the next start comes back on the same ports while they are free.
 source "$(dirname "$0")/common.sh"
 
 KAFKA_VERSION="${BLAMETRAIL_KAFKA_VERSION:-4.1.1}"
@@ -105,14 +106,17 @@ start() {
   rm -f "$PID_FILE"
   local old_port old_cport port cport
   old_port=$(env_value KAFKA_PORT); old_cport=$(env_value KAFKA_CONTROLLER_PORT)
-  port=$(free_port "${BLAMETRAIL_KAFKA_PORT:-$old_port}")
-  cport=$(free_port "${old_cport:-0}")
+  port=$(pick_port "Kafka broker" "${BLAMETRAIL_KAFKA_PORT:-$old_port}")
+  cport=$(pick_port "Kafka controller" "$old_cport")
   [[ "$cport" != "$port" ]] || cport=$(free_port 0)
-  # The controller's address is written into the metadata log at format time: keep the data only
-  # when the broker comes back on the same ports; otherwise start from a fresh, empty cluster.
-  if [[ "$port" != "$old_port" || "$cport" != "$old_cport" || ! -f "$STATE_DIR/data/meta.properties" ]]; then
+  # The controller's address is written into the metadata log at format time: the data is kept when
+  # the controller comes back on its port (the broker's port may change); otherwise a new, empty cluster.
+  write_config "$port" "$cport"
+  if [[ "$cport" != "$old_cport" || ! -f "$STATE_DIR/data/meta.properties" ]]; then
+    if [[ -f "$STATE_DIR/data/meta.properties" ]]; then
+      log "the controller port changed: starting a new, empty cluster (the old one's data is dropped)"
+    fi
     rm -rf "$STATE_DIR/data"
-    write_config "$port" "$cport"
     kjava kafka.tools.StorageTool format --standalone --ignore-formatted \
       -t "$(kjava kafka.tools.StorageTool random-uuid)" -c "$STATE_DIR/server.properties" >/dev/null
   fi

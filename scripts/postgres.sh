@@ -3,6 +3,7 @@
 #   scripts/postgres.sh start   -> writes $RUN_DIR/postgres.env (BLAMETRAIL_DATABASE_URL=...)
 #   scripts/postgres.sh stop | status
 # Safe to run twice, after a crash (stale postmaster.pid) and when 5432 is busy (picks a free port).
+# stop keeps the data and postgres.env: the next start comes back on the same port while it is free.
 source "$(dirname "$0")/common.sh"
 
 DB_NAME="${BLAMETRAIL_PG_DATABASE:-blametrail}"
@@ -75,7 +76,7 @@ start() {
     rm -rf "$PG_DIR/data"
     as_pg_user "$BIN/initdb" -D "$PG_DIR/data" -U "$DB_USER" --auth=trust --encoding=UTF8 --no-sync >/dev/null
   fi
-  local port; port=$(free_port "${BLAMETRAIL_PG_PORT:-$(port_from_env)}")
+  local port; port=$(pick_port PostgreSQL "${BLAMETRAIL_PG_PORT:-$(port_from_env)}")
   as_pg_user "$BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 start \
     -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=${BLAMETRAIL_PG_FSYNC:-on} -c max_connections=200" \
     >/dev/null || { tail -n 20 "$PG_DIR/server.log" >&2; die "PostgreSQL did not start"; }
@@ -103,7 +104,6 @@ stop() {
   else
     log "not running"
   fi
-  rm -f "$ENV_FILE"
 }
 
 status() {

@@ -46,7 +46,7 @@ wait_for 60 writer http_ok "http://127.0.0.1:$BLAMETRAIL_WRITER_METRICS_PORT/met
 # The demo organization: the product page's example configuration.
 DEMO_FILE="$RUN_DIR/demo-org.json"
 if ! blametrail service list --org demo >/dev/null 2>&1; then
-  blametrail org create demo --name "Demo Org" > "$DEMO_FILE"
+  write_private "$DEMO_FILE" blametrail org create demo --name "Demo Org"
   for service in "Web App" "Payments API" "Email Worker" "Internal Tools"; do
     blametrail service create --org demo "$service" >/dev/null
   done
@@ -57,12 +57,13 @@ if ! blametrail service list --org demo >/dev/null 2>&1; then
 elif [[ ! -f "$DEMO_FILE" ]]; then
   # The org survived but its secrets were not kept: rotate to a known secret (the API token is shown
   # only at creation).
-  blametrail org rotate-secret demo | python3 -c '
+  blametrail org rotate-secret demo | write_private "$DEMO_FILE" python3 -c '
 import json, sys
 out = json.load(sys.stdin)
 out.update(api_token="(shown only when the org was created)", webhook_url=sys.argv[1])
-print(json.dumps(out))' "$BLAMETRAIL_PUBLIC_URL/webhooks/sentry/demo" > "$DEMO_FILE"
+print(json.dumps(out))' "$BLAMETRAIL_PUBLIC_URL/webhooks/sentry/demo"
 fi
+chmod 600 "$DEMO_FILE"  # also when an older run created it readable by others
 
 read -r SECRET TOKEN < <(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["client_secret"], d["api_token"].replace(" ", "_"))' "$DEMO_FILE")
 WEBHOOK_URL="$BLAMETRAIL_PUBLIC_URL/webhooks/sentry/demo"

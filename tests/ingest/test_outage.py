@@ -45,8 +45,6 @@ class Broker:
         self.run_dir = run_dir
         self.bootstrap = ""
         self.port = 0
-        self._command: list[bytes] = []
-        self._cwd = ""
 
     def _script(self, action: str) -> str:
         done = subprocess.run(
@@ -59,10 +57,6 @@ class Broker:
         assert done.returncode == 0, f"kafka.sh {action} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
-    @property
-    def _pid_file(self) -> Path:
-        return self.run_dir / "kafka" / "kafka.pid"
-
     def start(self) -> None:
         values = dict(line.split("=", 1) for line in self._script("start").splitlines() if "=" in line)
         self.bootstrap = values["BLAMETRAIL_KAFKA_BOOTSTRAP"]
@@ -70,54 +64,16 @@ class Broker:
 
     def stop(self) -> None:
         """Stop the broker the way an operator would (SIGTERM, wait for exit); its data stays."""
-        pid = int(self._pid_file.read_text())
-        self._command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
-        self._cwd = os.readlink(f"/proc/{pid}/cwd")
         self._script("stop")
 
     async def start_again(self) -> None:
-        """Start the stopped broker on the same ports with the same data; wait until it serves.
-
-        Not ``kafka.sh start``: its free-port check binds without SO_REUSEADDR, and the connections
-        the broker closed on its way down keep the port in TIME_WAIT for a minute, so the script
-        would pick a new port and format a fresh, empty cluster. The broker's own command line binds
-        with SO_REUSEADDR like any Java server. Launched like the script does (``setsid … &`` from a
-        shell that exits), so the broker is not our child and ``kafka.sh stop`` can stop it.
-        """
-        server_log = self.run_dir / "kafka" / "server.log"
-        self._relaunch(server_log)
-
-        async def serving() -> bool:
-            return "Kafka Server started" in server_log.read_text() and await _accepts(self.port)
-
-        await wait_until(serving, within=90, what="the broker to serve again")
-
-    def _relaunch(self, server_log: Path) -> None:
-        assert self._command, "stop() first"
-        server_log.write_text("")
-        script = 'cd "$1" || exit 1; shift; setsid "$@" >> "$STDOUT_LOG" 2>&1 < /dev/null & echo $!'
-        done = subprocess.run(
-            ["bash", "-c", script, "relaunch", self._cwd, *(arg.decode() for arg in self._command)],
-            env={**os.environ, "STDOUT_LOG": str(self.run_dir / "kafka" / "stdout.log")},
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        self._pid_file.write_text(done.stdout.strip())
+        """``kafka.sh start`` after ``stop``: the same ports and data (the script waits until it serves)."""
+        port = self.port
+        await asyncio.to_thread(self.start)
+        assert self.port == port, "kafka.sh start came back on another port"
 
     def shutdown(self) -> None:
         self._script("stop")
-
-
-async def _accepts(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    await writer.wait_closed()
-    return True
 
 
 @dataclass

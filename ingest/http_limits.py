@@ -1,0 +1,187 @@
+"""Limits on the request head, and a deadline for it, that uvicorn's httptools protocol lacks.
+
+uvicorn with httptools (what ``blametrail ingest`` runs) accepts any number of headers of any size
+and waits for a request head forever; h11 stops at 16 KiB but has no header count limit either. So:
+
+- :class:`IngestHttpProtocol` (uvicorn's httptools protocol) counts the request line and headers as
+  they are parsed and answers 431 once there are more than :data:`MAX_HEADERS` headers or more than
+  :data:`MAX_HEAD_BYTES` bytes of head (a header that never ends is cut off at that size too), and
+  408 when a head has not arrived within ``BLAMETRAIL_INGEST_READ_TIMEOUT_SECONDS``; both close the
+  connection. Memory per connection stays bounded.
+- :class:`HeadLimits` applies the same two limits in the ASGI app, for any other server.
+
+Both answer in the JSON error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from shared import metrics
+from shared.errors import error_body
+from shared.settings import get_settings
+
+MAX_HEADERS = 100
+MAX_HEAD_BYTES = 16 * 1024  # request target and header lines, as h11's default limit
+LINE_OVERHEAD = 4  # ": " and CRLF of a header line
+
+
+def head_problem(count: int, size: int) -> str | None:
+    """Why a request head of ``count`` headers and ``size`` bytes is refused, or None."""
+    if count > MAX_HEADERS:
+        return f"more than {MAX_HEADERS} request headers"
+    if size > MAX_HEAD_BYTES:
+        return f"request line and headers are larger than {MAX_HEAD_BYTES} bytes"
+    return None
+
+
+def _count(outcome: str) -> None:
+    metrics.INGEST_REQUESTS.labels(resource="other", outcome=outcome).inc()
+
+
+class HeadLimits:
+    """ASGI middleware: 431 for a head over the limits (behind a server that does not enforce them)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            size += sum(len(name) + len(value) + LINE_OVERHEAD for name, value in headers)
+            problem = head_problem(len(headers), size)
+            if problem is not None:
+                _count("headers_too_large")
+                response = JSONResponse(
+                    error_body("headers_too_large", problem), status_code=431, headers={"Connection": "close"}
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class IngestHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bounded request head and a deadline to receive it.
+
+    ``blametrail ingest`` runs uvicorn with ``http="ingest.http_limits:IngestHttpProtocol"``.
+    """
+
+    # Seconds a request head may take to arrive; None: BLAMETRAIL_INGEST_READ_TIMEOUT_SECONDS.
+    read_timeout: float | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_timeout = self.read_timeout or get_settings().ingest_read_timeout_seconds
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+        self._awaiting_head = True  # between messages, every byte received belongs to the next head
+        self._messages = 0
+        self._head_count = 0
+        self._head_bytes = 0  # parsed: request target and complete header lines
+        self._head_raw = 0  # received while the head is incomplete (bounds a header that never ends)
+
+    # The deadline of a head: from the connection, or from a message's first byte, to its end.
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self._read_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.cycle is None or self.cycle.response_complete:
+            _count("timeout")
+            self._refuse(408, "timeout", f"request head not received within {self._read_timeout:g} s")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer ``status`` in the JSON error shape, then close; ignore everything after."""
+        self._refused = True
+        self._cancel_head_timer()
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # a pipelined head: an answer now would interleave with the current one
+            return
+        body = orjson.dumps(error_body(code, message))
+        head = [STATUS_LINE[status]]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+    def _check_head(self) -> None:
+        problem = head_problem(self._head_count, max(self._head_bytes, self._head_raw))
+        if problem is not None:
+            _count("headers_too_large")
+            self._refuse(431, "headers_too_large", problem)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        awaiting, messages = self._awaiting_head, self._messages
+        super().data_received(data)
+        # Only a chunk that began and ended inside one head is all head bytes.
+        if not self._refused and awaiting and self._awaiting_head and messages == self._messages:
+            self._head_raw += len(data)
+            self._check_head()
+
+    def on_message_begin(self) -> None:
+        self._head_count = self._head_bytes = self._head_raw = 0
+        self._arm_head_timer()
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if self._refused:
+            return
+        self._head_bytes += len(url)
+        self._check_head()
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            return
+        self._head_count += 1
+        self._head_bytes += len(name) + len(value) + LINE_OVERHEAD
+        self._check_head()
+        if not self._refused:
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._awaiting_head = False
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._awaiting_head = True
+        self._messages += 1
+        super().on_message_complete()
