@@ -17,6 +17,7 @@ COPY router ./router
 COPY incident_writer ./incident_writer
 COPY admin ./admin
 COPY cli ./cli
+COPY replay ./replay
 RUN pip install . \
     && rm -rf /src/build /src/*.egg-info \
     && useradd --system --uid 10001 --user-group --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin blametrail \

@@ -69,7 +69,7 @@ def _replay(parser: argparse.ArgumentParser) -> Any:
         from replay import ReplayError
         from replay.run import run_replay
 
-        setup_logging(args.log_level)
+        setup_logging(args.log_level, service="replay", fmt=settings.log_format)
         try:
             options = _options(args)
             summary = asyncio.run(_until_interrupted(lambda stop: run_replay(settings, options, stop)))
@@ -143,7 +143,7 @@ def reset_offsets(args: argparse.Namespace, settings: Settings) -> None:
     from replay.offsets import reset_offsets
     from replay.window import parse_time
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, service="replay", fmt=settings.log_format)
     try:
         at = parse_time(args.to_datetime, utc_now().replace(microsecond=0))
         plan = asyncio.run(reset_offsets(settings, args.group, at, execute=args.execute))

@@ -31,7 +31,9 @@ def make_producer(settings: Settings, *, client_id: str, linger_ms: int = 5) -> 
     )
 
 
-def make_consumer(settings: Settings, *, group_id: str, client_id: str, topics: Sequence[str] = ()) -> AIOKafkaConsumer:
+def make_consumer(
+    settings: Settings, *, group_id: str | None, client_id: str, topics: Sequence[str] = ()
+) -> AIOKafkaConsumer:
     """Manual commits only. No automatic offset reset: :class:`shared.consumer.ConsumerRuntime` starts a
     new group at the earliest offset and fails loudly on an out-of-range one."""
     return AIOKafkaConsumer(

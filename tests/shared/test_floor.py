@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO / "shared"
-ABOVE = ("router", "incident_writer", "ingest", "admin", "cli")
+ABOVE = ("router", "incident_writer", "ingest", "admin", "cli", "replay")
 # "ingest.app:create_app", "router.consumer": a module path or import string (a bare "ingest" is a word).
 MODULE_STRING = re.compile(rf"^({'|'.join(ABOVE)})[.:]\w[\w.:]*$")
 DYNAMIC_IMPORTS = {"import_module", "__import__", "find_spec"}
