@@ -2,24 +2,32 @@
 
 Every call needs ``Authorization: Bearer <org API token>`` and sees only that org: another org's
 ids answer 404 exactly like missing ones. Each call runs in one database transaction. Errors are
-``{"error": {"code", "message", "field"?}}`` with 400 (malformed JSON), 401, 404, 409 or 422.
+``{"error": {"code", "message", "field"?}}``: 400 (a body that is not JSON: malformed, invalid UTF-8,
+nested deeper than 1024), 401, 404, 409, 413 (a body over MAX_BODY_BYTES), 422 (anything the models
+of ``admin.schemas`` reject: ids beyond bigint, NUL characters, wrong JSON types, ...), 503 with
+``Retry-After`` while PostgreSQL is unreachable (the pool reconnects by itself, ``pool_pre_ping``)
+and, for a bug, 500 (logged). No input answers 5xx: ``tests/admin/test_fuzz.py`` holds us to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 from urllib.parse import urlencode
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import Select, func, select
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from admin import schemas
 from shared import mappings
@@ -37,9 +45,16 @@ from shared.security import hash_token
 from shared.settings import Settings
 
 PREFIX = "/api/v1"
+MAX_BODY_BYTES = 64 * 1024
+RETRY_AFTER_SECONDS = 5  # told to callers while the database is unreachable
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 Row = TypeVar("Row", Incident, AuditRecord)
 STATUS = {ErrorKind.INVALID: 422, ErrorKind.NOT_FOUND: 404, ErrorKind.CONFLICT: 409}
+# The database (or the way to it) is down: connect refused or reset, pool exhausted, server shutting down.
+UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, OSError)
+PATH_ID: TypeAdapter[int] = TypeAdapter(schemas.QueryId)
+log = logging.getLogger("blametrail.admin")
 
 
 class ApiError(Exception):
@@ -59,33 +74,68 @@ class Call:
     settings: Settings
 
     def path_int(self, name: str) -> int:
-        value: int = self.request.path_params[name]
-        return value
+        """A path id (``schemas.QueryId``: decimal digits, 1 … 2^63-1), else 422 naming it."""
+        return validate(lambda: PATH_ID.validate_python(self.request.path_params[name], strict=True), name)
 
     async def body(self, model: type[M]) -> M:
-        raw = await self.request.body()
+        raw = await read_body(self.request)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from exc
-        return validate(model, data)
+        return validate(lambda: model.model_validate(data))
 
     def query(self, model: type[M]) -> M:
-        return validate(model, dict(self.request.query_params))
+        params: dict[str, str] = {}
+        for key, value in self.request.query_params.multi_items():
+            if key in params:
+                raise ApiError(422, "invalid", f"{key}: given more than once", key)
+            params[key] = value
+        return validate(lambda: model.model_validate(params))
 
 
-def validate(model: type[M], data: object) -> M:
+async def read_body(request: Request) -> bytes:
+    """The request body, at most MAX_BODY_BYTES (else 413, before reading more than that)."""
+    too_large = ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 9 or int(declared) > MAX_BODY_BYTES):
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def validate(run: Callable[[], T], field: str | None = None) -> T:
+    """``run()``, a pydantic validation; its first error as a 422 naming the field (or ``field``)."""
     try:
-        return model.model_validate(data)
+        return run()
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
+        field = ".".join(str(p) for p in first["loc"]) or field
         message = f"{field}: {first['msg']}" if field else first["msg"]
         raise ApiError(422, "invalid", message, field) from exc
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message, field), status_code=status)
+def error_response(
+    status: int, code: str, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, field), status_code=status, headers=headers)
+
+
+def unavailable_response() -> JSONResponse:
+    return error_response(
+        503, "unavailable", "the database is unreachable: retry later",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )  # fmt: skip
+
+
+def internal_error_response() -> JSONResponse:
+    return error_response(500, "internal", "unexpected server error (logged)")
 
 
 def json_response(data: BaseModel | Sequence[BaseModel], status: int = 200) -> Response:
@@ -157,7 +207,12 @@ async def list_mappings(call: Call) -> Response:
 async def create_mapping(call: Call) -> Response:
     body = await call.body(schemas.MappingIn)
     view = await mappings.add_mapping(
-        call.session, call.org_id, body.sentry_project_slug, body.service_id, active=body.active
+        call.session,
+        call.org_id,
+        body.sentry_project_slug,
+        body.service_id,
+        active=body.active,
+        sentry_project_id=body.sentry_project_id,
     )
     return json_response(view, 201)
 
@@ -165,7 +220,13 @@ async def create_mapping(call: Call) -> Response:
 async def edit_mapping(call: Call) -> Response:
     body = await call.body(schemas.MappingPatch)
     view = await mappings.edit_mapping(
-        call.session, call.org_id, call.path_int("mapping_id"), service_id=body.service_id, active=body.active
+        call.session,
+        call.org_id,
+        call.path_int("mapping_id"),
+        service_id=body.service_id,
+        active=body.active,
+        sentry_project_slug=body.sentry_project_slug,
+        sentry_project_id=body.sentry_project_id,
     )
     return json_response(view)
 
@@ -239,10 +300,13 @@ async def list_audit(call: Call) -> Response:
 # --- the endpoint table -----------------------------------------------------------------------
 
 
+_PATH_PARAM = re.compile(r"\{(\w+)\}")
+
+
 @dataclass(frozen=True)
 class Endpoint:
     method: str
-    path: str  # Starlette path under PREFIX, with ``{name:int}`` converters
+    path: str  # Starlette path under PREFIX; every ``{name}`` in it is an id, read with ``Call.path_int``
     handler: Callable[[Call], Awaitable[Response]]
     summary: str
     status: int = 200
@@ -250,18 +314,31 @@ class Endpoint:
     query: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
     many: bool = False  # the response is a JSON array of ``response``
-    errors: tuple[int, ...] = ()
+    errors: tuple[int, ...] = ()  # what the handler itself answers (404, 409, 422 of shared.mappings)
+
+    @property
+    def path_params(self) -> list[str]:
+        return _PATH_PARAM.findall(self.path)
+
+    def error_statuses(self) -> list[int]:
+        """Every error status the endpoint can answer, the dispatcher's and validation's included."""
+        codes = {401, 500, 503, *self.errors}
+        if self.path_params or self.query is not None or self.body is not None:
+            codes.add(422)
+        if self.body is not None:
+            codes |= {400, 413}
+        return sorted(codes)
 
 
-MAPPING = "/integrations/sentry/mappings/{mapping_id:int}"
+MAPPING = "/integrations/sentry/mappings/{mapping_id}"
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/services", list_services, "List services", response=schemas.ServiceOut, many=True),
     Endpoint(
         "POST", "/services", create_service, "Create a service", 201, body=schemas.ServiceIn,
-        response=schemas.ServiceOut, errors=(400, 409, 422),
+        response=schemas.ServiceOut, errors=(409,),
     ),
     Endpoint(
-        "DELETE", "/services/{service_id:int}", delete_service,
+        "DELETE", "/services/{service_id}", delete_service,
         "Delete a service (409 while mappings or incidents use it)", 204, errors=(404, 409),
     ),
     Endpoint(
@@ -274,30 +351,30 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "POST", "/integrations/sentry/mappings", create_mapping, "Map a Sentry project to a service", 201,
-        body=schemas.MappingIn, response=schemas.MappingOut, errors=(400, 409, 422),
+        body=schemas.MappingIn, response=schemas.MappingOut, errors=(409,),
     ),
     Endpoint(
         "PATCH", MAPPING, edit_mapping, "Change a mapping's service, enable or disable it",
-        body=schemas.MappingPatch, response=schemas.MappingOut, errors=(400, 404, 422),
+        body=schemas.MappingPatch, response=schemas.MappingOut, errors=(404,),
     ),
     Endpoint("DELETE", MAPPING, delete_mapping, "Delete a mapping", 204, errors=(404,)),
     Endpoint(
         "GET", "/integrations/sentry/unmapped-projects", list_unmapped,
         "Projects that sent events recently and have no mapping", query=schemas.UnmappedQuery,
-        response=schemas.UnmappedProjectOut, many=True, errors=(422,),
+        response=schemas.UnmappedProjectOut, many=True,
     ),
     Endpoint(
         "GET", "/incidents", list_incidents, "Incidents, newest first", query=schemas.IncidentQuery,
-        response=schemas.IncidentPage, errors=(422,),
+        response=schemas.IncidentPage,
     ),
     Endpoint(
-        "GET", "/incidents/{incident_id:int}/events", incident_timeline,
+        "GET", "/incidents/{incident_id}/events", incident_timeline,
         "An incident's timeline: every delivery that touched it, oldest first",
         response=schemas.TimelineEntryOut, many=True, errors=(404,),
     ),
     Endpoint(
         "GET", "/integrations/sentry/audit", list_audit, "Audit records, newest first", query=schemas.AuditQuery,
-        response=schemas.AuditPage, errors=(422,),
+        response=schemas.AuditPage,
     ),
 )  # fmt: skip
 
@@ -334,6 +411,27 @@ def make_handler(
             return error_response(exc.status, exc.code, exc.message, exc.field)
         except DomainError as exc:
             return error_response(STATUS[exc.kind], exc.code, exc.message, exc.field)
+        except UNAVAILABLE as exc:
+            log.warning("database unreachable, answering 503: %s: %s", type(exc).__name__, exc)
+            return unavailable_response()
+        except Exception:
+            log.exception("unexpected error in %s %s", request.method, request.url.path)
+            return internal_error_response()
 
     handle.__name__ = endpoint.handler.__name__
     return handle
+
+
+def api_routes(sessions: async_sessionmaker[AsyncSession], settings: Settings) -> list[Route]:
+    """One route per path, dispatching on the method, so that a 405 lists all of the path's methods."""
+    by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
+    for e in ENDPOINTS:
+        by_path.setdefault(e.path, {})[e.method] = make_handler(e, sessions, settings)
+
+    def route(path: str, handlers: dict[str, Callable[[Request], Awaitable[Response]]]) -> Route:
+        async def dispatch(request: Request) -> Response:
+            return await handlers["GET" if request.method == "HEAD" else request.method](request)
+
+        return Route(PREFIX + path, dispatch, methods=list(handlers))
+
+    return [route(path, handlers) for path, handlers in by_path.items()]

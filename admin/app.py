@@ -9,17 +9,19 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from admin.api import ENDPOINTS, PREFIX, error_response, make_handler
+from admin.api import PREFIX, api_routes, error_response, internal_error_response, log
 from admin.openapi import build_openapi
 from shared.db.session import create_engine, sessionmaker
 from shared.settings import Settings, get_settings
 
 STATIC = Path(__file__).with_name("static")
+DB_CONNECT_TIMEOUT = 5  # seconds: an unreachable database answers 503 (admin.api) after this, not minutes
 
 
 async def mappings_page(request: Request) -> Response:
@@ -39,12 +41,20 @@ async def not_found(request: Request, exc: Exception) -> Response:
 
 
 async def method_not_allowed(request: Request, exc: Exception) -> Response:
-    return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+    headers = exc.headers if isinstance(exc, HTTPException) else None  # Allow: the methods that are
+    message = f"{request.method} is not allowed on {request.url.path}"
+    return error_response(405, "method_not_allowed", message, headers=headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """Outside the API handlers (which answer their own errors): a JSON 500, logged."""
+    log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+    return internal_error_response()
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
-    engine = create_engine(settings)
+    engine = create_engine(settings, connect_timeout=DB_CONNECT_TIMEOUT)
     sessions = sessionmaker(engine)
     document = build_openapi()
 
@@ -57,9 +67,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await engine.dispose()
 
     routes: list[BaseRoute] = [
-        Route(PREFIX + e.path, make_handler(e, sessions, settings), methods=[e.method]) for e in ENDPOINTS
-    ]
-    routes += [
+        *api_routes(sessions, settings),
         Route(PREFIX + "/openapi.json", openapi),
         Route("/", mappings_page),
         Route("/integrations/sentry/mappings", mappings_page),
@@ -67,7 +75,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: method_not_allowed})
+    handlers = {404: not_found, 405: method_not_allowed, Exception: internal_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.settings = settings
     app.state.engine = engine
     return app

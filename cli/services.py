@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import tempfile
 from typing import Any
 
 from shared.logs import setup_logging
@@ -25,12 +27,17 @@ def _serve_http(app_factory: str, args: argparse.Namespace, host: str, port: int
 
 
 def run_ingest(args: argparse.Namespace, settings: Settings) -> None:
+    workers = args.workers or settings.ingest_workers
+    if workers > 1:
+        # One consistent set of metrics across the workers: prometheus_client's multiprocess mode,
+        # in a fresh directory (it must start empty), inherited by every worker.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="blametrail-ingest-metrics-")
     _serve_http(
         "ingest.app:create_app",
         args,
         settings.ingest_host,
         settings.ingest_port,
-        workers=args.workers or settings.ingest_workers,
+        workers=workers,
         loop="uvloop",
         http="ingest.http_limits:IngestHttpProtocol",
         timeout_graceful_shutdown=10,

@@ -138,6 +138,9 @@ def route_delivery(delivery: Delivery, org_mappings: OrgMappings | None, topics:
             )
             topic, reason = topics.ignored, decision.reason.value
         metrics.ROUTER_EVENTS.labels(outcome=event.outcome, reason=reason).inc()
+        if decision.mapping is not None:
+            mapped = decision.mapping.slug or event.project_slug or ""
+            metrics.ROUTER_MAPPING_EVENTS.labels(org=delivery.org, project=mapped, outcome=event.outcome).inc()
         log.info(
             event.outcome,
             extra={"delivery_id": event.delivery_id, "org": event.org, "resource": event.resource,

@@ -1,7 +1,12 @@
 """Prometheus metric definitions: every metric name of BlameTrail, once.
 
 Prefix ``blametrail_``; counters end in ``_total``, durations in ``_seconds``; labels never carry
-ids of unbounded sets (no org, project or delivery ids).
+ids of unbounded sets (no delivery or issue ids; org and project only on the per-mapping counter,
+whose label sets are bounded by the mapping table).
+
+Ingest with several workers (``--workers N``) runs prometheus_client's multiprocess mode: every
+worker writes its values to ``PROMETHEUS_MULTIPROC_DIR`` and any worker's ``/metrics`` serves the
+sum (gauges: ``multiprocess_mode`` below), so a scrape sees one consistent set whichever worker answers.
 """
 
 from __future__ import annotations
@@ -48,16 +53,27 @@ INGEST_PUBLISH_SECONDS = Histogram(
     "blametrail_ingest_publish_seconds", "Time until Kafka acknowledged a webhook", buckets=LATENCY_BUCKETS
 )
 INGEST_BODY_BYTES = Histogram("blametrail_ingest_body_bytes", "Webhook body sizes", buckets=SIZE_BUCKETS)
-INGEST_SPOOL_DEPTH = Gauge("blametrail_ingest_spool_depth", "Webhooks in the local spool waiting for Kafka")
-INGEST_SPOOL_BYTES = Gauge("blametrail_ingest_spool_bytes", "Bytes of webhooks in the local spool")
+INGEST_SPOOL_DEPTH = Gauge(
+    "blametrail_ingest_spool_depth", "Webhooks in the local spool waiting for Kafka", multiprocess_mode="livesum"
+)
+INGEST_SPOOL_BYTES = Gauge(
+    "blametrail_ingest_spool_bytes", "Bytes of webhooks in the local spool", multiprocess_mode="livesum"
+)
 INGEST_SPOOL_OLDEST_AGE = Gauge(
-    "blametrail_ingest_spool_oldest_age_seconds", "Age of the oldest spooled webhook (0 when empty)"
+    "blametrail_ingest_spool_oldest_age_seconds",
+    "Age of the oldest spooled webhook (0 when empty)",
+    multiprocess_mode="livemax",
 )
 INGEST_SPOOL_DRAINED = Counter("blametrail_ingest_spool_drained_total", "Spooled webhooks delivered to Kafka")
 INGEST_PRODUCER_RESTARTS = Counter("blametrail_ingest_producer_restarts_total", "Kafka producer recreations")
 
 # Router
 ROUTER_EVENTS = Counter("blametrail_router_events_total", "Events routed or ignored, by reason", ["outcome", "reason"])
+ROUTER_MAPPING_EVENTS = Counter(
+    "blametrail_router_mapping_events_total",
+    "Events of mapped projects by org, project and outcome (routed, or ignored while the mapping is disabled)",
+    ["org", "project", "outcome"],
+)
 ROUTER_FLAGGED = Counter(
     "blametrail_router_flagged_events_total",
     "Events whose values the boundary check replaced (times out of range) or cleaned (unstorable text)",

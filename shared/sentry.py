@@ -85,7 +85,7 @@ class ParsedWebhook(SentryFields):
 
 
 def is_valid_slug(value: object) -> bool:
-    return isinstance(value, str) and SLUG_RE.match(value) is not None
+    return isinstance(value, str) and SLUG_RE.fullmatch(value) is not None
 
 
 def _obj(value: object) -> dict[str, Any]:

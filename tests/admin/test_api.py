@@ -1,4 +1,6 @@
-"""The admin REST API against the real database: every rule of the product page, every error code."""
+"""The admin REST API against the real database: every rule of the product page, every error code.
+
+The fixtures (``app``, ``org``, ``other``) and ``error`` are in ``tests/admin/conftest.py``."""
 
 from __future__ import annotations
 
@@ -6,8 +8,6 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,53 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from admin.app import create_app
 from shared.db.models import MAPPINGS_CHANNEL, AuditRecord, Incident, IncidentEvent
 from shared.db.session import libpq_url
-from shared.orgs import create_org
 from shared.settings import Settings
+from tests.admin.conftest import Org, error
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Org:
-    slug: str
-    id: int
-    client: httpx.AsyncClient
-
-
-@pytest.fixture(scope="module")
-async def app(migrated: Settings) -> AsyncIterator[Starlette]:
-    app = create_app(migrated)
-    yield app
-    await app.state.engine.dispose()
-
-
-async def new_org(app: Starlette, sessions: async_sessionmaker[AsyncSession]) -> Org:
-    slug = f"org-{uuid.uuid4().hex[:10]}"
-    async with sessions() as session, session.begin():
-        created = await create_org(session, slug)
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://admin",
-        headers={"Authorization": f"Bearer {created.api_token}"},
-    )
-    return Org(slug, created.org_id, client)
-
-
-@pytest.fixture
-async def org(app: Starlette, sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[Org]:
-    org = await new_org(app, sessions)
-    yield org
-    await org.client.aclose()
-
-
-@pytest.fixture
-async def other(app: Starlette, sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[Org]:
-    org = await new_org(app, sessions)
-    yield org
-    await org.client.aclose()
 
 
 async def service(org: Org, name: str) -> int:
@@ -101,15 +60,6 @@ async def incident(sessions: async_sessionmaker[AsyncSession], org: Org, service
     return incident_id
 
 
-def error(response: httpx.Response, status: int, field: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    detail: dict[str, Any] = response.json()["error"]
-    assert detail["code"] and detail["message"]
-    if field is not None:
-        assert detail.get("field") == field, detail
-    return detail
-
-
 async def test_product_page_example_configuration_round_trips(org: Org) -> None:
     services = {n: await service(org, n) for n in ("Web App", "Payments API", "Email Worker", "Internal Tools")}
     await mapping(org, "frontend", services["Web App"])
@@ -125,8 +75,8 @@ async def test_product_page_example_configuration_round_trips(org: Org) -> None:
         ("payments-api", "Payments API", True),
     ]
     assert set(listed[0]) == {
-        "id", "sentry_project_slug", "service_id", "service_name", "active", "created_at", "updated_at",
-        "last_event_at",
+        "id", "sentry_project_slug", "service_id", "service_name", "active", "sentry_project_id", "renamed_to",
+        "created_at", "updated_at", "last_event_at",
     }  # fmt: skip
     svc = (await org.client.get("/api/v1/services")).json()
     assert [s["name"] for s in svc] == ["Web App", "Payments API", "Email Worker", "Internal Tools"]
@@ -241,10 +191,37 @@ async def test_edit_changes_the_service_only_and_never_moves_incidents(
     )  # fmt: skip
     async with sessions() as session:
         assert await session.scalar(select(Incident.service_id).where(Incident.id == incident_id)) == old
-    unknown_field = await org.client.patch(
-        f"/api/v1/integrations/sentry/mappings/{created['id']}", json={"sentry_project_slug": "other"}
+    unknown_field = await org.client.patch(f"/api/v1/integrations/sentry/mappings/{created['id']}", json={"org_id": 1})
+    error(unknown_field, 422, "org_id")
+
+
+async def test_a_mapping_follows_a_project_renamed_in_sentry(org: Org) -> None:
+    web = await service(org, "Web App")
+    created = await mapping(org, "checkout", web)
+    assert (created["sentry_project_id"], created["renamed_to"]) == (None, None)
+    url = f"/api/v1/integrations/sentry/mappings/{created['id']}"
+    renamed = await org.client.patch(
+        url, json={"sentry_project_slug": "checkout-web", "sentry_project_id": "4505877312345088"}
     )
-    error(unknown_field, 422, "sentry_project_slug")
+    assert renamed.status_code == 200, renamed.text
+    body = renamed.json()
+    assert (body["sentry_project_slug"], body["sentry_project_id"], body["id"]) == (
+        "checkout-web",
+        "4505877312345088",
+        created["id"],
+    )
+    error(await org.client.patch(url, json={"sentry_project_id": "abc"}), 422, "sentry_project_id")
+    error(await org.client.patch(url, json={"sentry_project_slug": "Bad Slug"}), 422, "sentry_project_slug")
+    other = await mapping(org, "frontend", web)
+    taken = await org.client.patch(
+        f"/api/v1/integrations/sentry/mappings/{other['id']}", json={"sentry_project_slug": "checkout-web"}
+    )
+    error(taken, 409, "sentry_project_slug")
+    with_id = await org.client.post(
+        "/api/v1/integrations/sentry/mappings",
+        json={"sentry_project_slug": "api", "service_id": web, "sentry_project_id": "4505877312345099"},
+    )
+    assert with_id.status_code == 201 and with_id.json()["sentry_project_id"] == "4505877312345099"
 
 
 async def test_delete_mapping_then_service(org: Org) -> None:
@@ -322,7 +299,8 @@ async def test_audit_and_incident_lists_filter_and_paginate(
     assert [r["project_slug"] for r in routed["items"]] == ["p3", "p1"]
     assert set(routed["items"][0]) == {
         "delivery_id", "resource", "action", "project_slug", "outcome", "reason", "service_id", "mapping_id",
-        "incident_id", "received_at", "processed_at",
+        "incident_id", "received_at", "processed_at", "replay_id", "previous_outcome", "previous_reason",
+        "renamed_from", "flags", "error", "dlq_partition", "dlq_offset",
     }  # fmt: skip
     only = (await org.client.get("/api/v1/integrations/sentry/audit?project=p0")).json()
     assert [r["project_slug"] for r in only["items"]] == ["p0"]

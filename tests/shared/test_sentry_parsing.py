@@ -218,6 +218,8 @@ def test_project_from_api_url(url: str, slug: str | None) -> None:
         ("A", False),
         ("x" * 100, True),
         ("x" * 101, False),
+        ("web\n", False),
+        ("123\n", False),
     ],
 )
 def test_slug_rule(slug: str, ok: bool) -> None:
