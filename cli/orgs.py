@@ -30,7 +30,15 @@ from shared.mappings import (
     list_mappings,
     list_services,
 )
-from shared.orgs import create_org, disable_legacy_plugin, enable_legacy_plugin, get_org, rotate_secret
+from shared.orgs import (
+    create_org,
+    disable_legacy_plugin,
+    enable_legacy_plugin,
+    get_org,
+    reencrypt_secrets,
+    rotate_secret,
+)
+from shared.secrets import SecretError, key_ring
 from shared.settings import Settings
 
 T = TypeVar("T")
@@ -65,7 +73,7 @@ def _with_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T
         try:
             async with sessionmaker(engine)() as session, session.begin():
                 return await work(session)
-        except DomainError as exc:
+        except (DomainError, SecretError) as exc:
             raise CliError(str(exc)) from exc
         finally:
             await engine.dispose()
@@ -116,6 +124,16 @@ def org_set_secret(args: argparse.Namespace, settings: Settings) -> None:
         raise CliError("give the Sentry integration's Client Secret on standard input")
     _with_session(settings, lambda s: rotate_secret(s, args.slug, given))
     _print({"org": args.slug, "status": "client secret set; the previous one stays valid until the next change"}, True)
+
+
+def org_reencrypt_secrets(args: argparse.Namespace, settings: Settings) -> None:
+    """After a change of BLAMETRAIL_SECRET_KEYS: every stored client secret under the newest key."""
+    try:
+        keys = key_ring(settings)
+        changed = _with_session(settings, lambda s: reencrypt_secrets(s, keys))
+    except SecretError as exc:
+        raise CliError(f"{exc}; nothing was changed") from exc
+    _print({"reencrypted": changed}, True)
 
 
 def org_legacy_plugin(args: argparse.Namespace, settings: Settings) -> None:
@@ -204,6 +222,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("slug")
     p.set_defaults(func=org_set_secret)
+    p = org.add_parser(
+        "reencrypt-secrets",
+        help="after a change of BLAMETRAIL_SECRET_KEYS: re-encrypt every org's client secrets with the newest key",
+    )
+    p.set_defaults(func=org_reencrypt_secrets)
     p = org.add_parser(
         "legacy-plugin", help="accept Sentry's legacy WebHooks plugin (unsigned) on a secret URL, or stop"
     )

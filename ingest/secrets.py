@@ -11,6 +11,7 @@ from typing import Generic, TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.orgs import legacy_token_hash, org_secrets
+from shared.secrets import KeyRing, key_ring
 
 log = logging.getLogger("blametrail.ingest")
 
@@ -65,10 +66,20 @@ class OrgCache(Generic[V]):
 
 
 class SecretCache(OrgCache[tuple[str, ...] | None]):
-    """The org's valid webhook secrets (current, previous) or None for an unknown org."""
+    """The org's valid webhook secrets (current, previous) or None for an unknown org.
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], ttl: float) -> None:
-        super().__init__(sessions, ttl, org_secrets)
+    The stored values are encrypted: they are decrypted when an org's entry loads, never per request.
+    The key ring (``BLAMETRAIL_SECRET_KEYS``) is read when the cache is made, so a bad key stops ingest
+    at startup. A value no key opens fails the load like a database error (a stale entry is served).
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], ttl: float, keys: KeyRing | None = None) -> None:
+        ring = keys or key_ring()
+
+        async def load(session: AsyncSession, org: str) -> tuple[str, ...] | None:
+            return await org_secrets(session, org, ring)
+
+        super().__init__(sessions, ttl, load)
 
 
 class LegacyTokenCache(OrgCache[str | None]):

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
     # Service logs: "json" lines (one webhook followable by delivery_id) or "text" for humans.
     log_format: Literal["json", "text"] = "json"
+    # Fernet keys (comma-separated, newest first) encrypting the Sentry client secrets at rest: the
+    # newest encrypts, any decrypts. Empty: the public development key, with a warning (shared/secrets.py).
+    secret_keys: str = Field(default="", repr=False)
 
     # Topics
     topic_partitions: int = Field(default=6, ge=1)
@@ -42,6 +45,11 @@ class Settings(BaseSettings):
     spool_dir: str = "/var/tmp/blametrail-spool"
     spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024 * 1024)
     ingest_max_inflight: int = Field(default=1000, ge=1)
+    # Load shedding: a webhook arriving while the event loop runs this late, or while this many
+    # requests are already in flight, is answered 503 overloaded at once (ingest/app.py, LoadMonitor)
+    # rather than started and answered after Sentry's 1 s budget.
+    ingest_overload_lag_seconds: float = Field(default=0.25, gt=0)
+    ingest_overload_max_requests: int = Field(default=1000, ge=1)
 
     # Router
     router_group: str = "blametrail-router"

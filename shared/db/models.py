@@ -60,15 +60,17 @@ class Organization(Base):
 
 
 class SentryIntegration(Base):
-    """Per-org Sentry integration: the client secret, and the previous one during a rotation."""
+    """Per-org Sentry integration: the client secret, and the previous one during a rotation.
+
+    Both secrets are stored encrypted (``fernet:…``, ``shared/secrets.py``): longer than the secret."""
 
     __tablename__ = "sentry_integrations"
 
     org_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
     )
-    client_secret: Mapped[str] = mapped_column(String(200), nullable=False)
-    previous_client_secret: Mapped[str | None] = mapped_column(String(200))
+    client_secret: Mapped[str] = mapped_column(Text, nullable=False)
+    previous_client_secret: Mapped[str | None] = mapped_column(Text)
     legacy_plugin_token: Mapped[str | None] = mapped_column(String(200))
     rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _created()
