@@ -267,17 +267,38 @@ async def list_incidents(call: Call) -> Response:
     )
 
 
-async def incident_timeline(call: Call) -> Response:
+async def own_incident(call: Call) -> Incident:
+    """The path's incident when it is the caller's org's, else 404 (another org's id too)."""
     incident_id = call.path_int("incident_id")
-    owner = await call.session.scalar(
-        select(Incident.id).where(Incident.org_id == call.org_id, Incident.id == incident_id)
+    found = await call.session.scalar(
+        select(Incident).where(Incident.org_id == call.org_id, Incident.id == incident_id)
     )
-    if owner is None:
+    if found is None:
         raise ApiError(404, "not_found", f"incident {incident_id} not found")
-    entries = await call.session.scalars(
-        select(IncidentEvent).where(IncidentEvent.incident_id == incident_id).order_by(IncidentEvent.id)
+    return found
+
+
+async def get_incident(call: Call) -> Response:
+    return json_response(schemas.IncidentOut.model_validate(await own_incident(call)))
+
+
+async def incident_timeline(call: Call) -> Response:
+    incident = await own_incident(call)
+    # The delivery's audit record tells whether a replay made the entry (its replay_id).
+    rows = await call.session.execute(
+        select(IncidentEvent, AuditRecord.replay_id)
+        .outerjoin(
+            AuditRecord,
+            (AuditRecord.org_id == call.org_id)
+            & (AuditRecord.delivery_id == IncidentEvent.delivery_id)
+            & AuditRecord.project_slug.is_not_distinct_from(IncidentEvent.project_slug),
+        )
+        .where(IncidentEvent.incident_id == incident.id)
+        .order_by(IncidentEvent.id)
     )
-    return json_response([schemas.TimelineEntryOut.model_validate(e) for e in entries])
+    return json_response(
+        [schemas.TimelineEntryOut.model_validate(e).model_copy(update={"replay_id": r}) for e, r in rows]
+    )
 
 
 async def list_audit(call: Call) -> Response:
@@ -366,6 +387,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "GET", "/incidents", list_incidents, "Incidents, newest first", query=schemas.IncidentQuery,
         response=schemas.IncidentPage,
+    ),
+    Endpoint(
+        "GET", "/incidents/{incident_id}", get_incident, "One incident", response=schemas.IncidentOut,
+        errors=(404,),
     ),
     Endpoint(
         "GET", "/incidents/{incident_id}/events", incident_timeline,

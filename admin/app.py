@@ -1,10 +1,10 @@
 """The admin service: the mappings REST API (``admin.api``), its OpenAPI document, the Project
-Mappings web page (``admin/static``, a client of the API), health and metrics."""
+Mappings, Deliveries and Incidents web pages (``admin/static``, clients of the API), health and metrics."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,8 +24,13 @@ STATIC = Path(__file__).with_name("static")
 DB_CONNECT_TIMEOUT = 5  # seconds: an unreachable database answers 503 (admin.api) after this, not minutes
 
 
-async def mappings_page(request: Request) -> Response:
-    return FileResponse(STATIC / "mappings.html")
+def page(name: str) -> Callable[[Request], Awaitable[Response]]:
+    """A web page of ``admin/static``: plain HTML whose script calls the API with the tab's token."""
+
+    async def serve(request: Request) -> Response:
+        return FileResponse(STATIC / name)
+
+    return serve
 
 
 async def healthz(request: Request) -> Response:
@@ -69,8 +74,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes: list[BaseRoute] = [
         *api_routes(sessions, settings),
         Route(PREFIX + "/openapi.json", openapi),
-        Route("/", mappings_page),
-        Route("/integrations/sentry/mappings", mappings_page),
+        Route("/", page("mappings.html")),
+        Route("/integrations/sentry/mappings", page("mappings.html")),
+        Route("/integrations/sentry/deliveries", page("deliveries.html")),
+        Route("/incidents", page("incidents.html")),
+        Route("/incidents/{incident_id}", page("incident.html")),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint),

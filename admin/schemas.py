@@ -172,6 +172,7 @@ class TimelineEntryOut(_Out):
     event_id: str | None
     occurred_at: datetime | None
     received_at: datetime
+    replay_id: str | None = None  # the replay that delivered it (from the delivery's audit record)
 
 
 class IncidentPage(_Out):
