@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stops what scripts/up.sh started. --services-only leaves Kafka and Postgres running.
+# Stops what scripts/up.sh started. --services-only leaves Kafka, Postgres and Prometheus running.
 source "$(dirname "$0")/common.sh"
 
 for service in ingest router writer admin; do
@@ -13,6 +13,7 @@ for service in ingest router writer admin; do
   rm -f "$pid_file"
 done
 if [[ "${1:-}" != "--services-only" ]]; then
+  "$REPO_DIR/scripts/prometheus.sh" stop
   "$REPO_DIR/scripts/kafka.sh" stop
   "$REPO_DIR/scripts/postgres.sh" stop
 fi

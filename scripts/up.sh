@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole local stack, without Docker: Postgres, Kafka, migrations, topics, ingest, router,
-# writer and admin, plus a demo organization with the product page's example mappings.
+# writer and admin, a Prometheus scraping them, plus a demo organization with the product page's
+# example mappings.
 #   scripts/up.sh       (again: restarts the services, keeps data and the demo org)
 #   scripts/down.sh     stops it all
 source "$(dirname "$0")/common.sh"
@@ -42,6 +43,9 @@ wait_for 60 ingest http_ok "http://127.0.0.1:$BLAMETRAIL_INGEST_PORT/readyz" || 
 wait_for 60 admin http_ok "http://127.0.0.1:$BLAMETRAIL_ADMIN_PORT/healthz" || die "admin did not start: see $LOG_DIR/admin.log"
 wait_for 60 router http_ok "http://127.0.0.1:$BLAMETRAIL_ROUTER_METRICS_PORT/metrics" || die "router did not start: see $LOG_DIR/router.log"
 wait_for 60 writer http_ok "http://127.0.0.1:$BLAMETRAIL_WRITER_METRICS_PORT/metrics" || die "writer did not start: see $LOG_DIR/writer.log"
+# Prometheus scraping the four services, deploy/alerts.yml loaded (keeps running across up.sh runs).
+"$REPO_DIR/scripts/prometheus.sh" start >/dev/null
+source "$RUN_DIR/prometheus.env"
 
 # The demo organization: the product page's example configuration.
 DEMO_FILE="$RUN_DIR/demo-org.json"
@@ -78,6 +82,7 @@ BlameTrail is up (logs in $LOG_DIR; stop with scripts/down.sh).
   admin      http://127.0.0.1:$BLAMETRAIL_ADMIN_PORT/   (Project Mappings page: sign in with the API token)
   router     metrics http://127.0.0.1:$BLAMETRAIL_ROUTER_METRICS_PORT/metrics
   writer     metrics http://127.0.0.1:$BLAMETRAIL_WRITER_METRICS_PORT/metrics
+  prometheus $PROMETHEUS_URL   (alerts: $PROMETHEUS_URL/alerts; config $RUN_DIR/prometheus.yml)
   kafka      $BLAMETRAIL_KAFKA_BOOTSTRAP
   postgres   postgresql://blametrail@127.0.0.1:$PGPORT/blametrail
 

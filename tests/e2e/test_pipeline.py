@@ -18,8 +18,8 @@ from tests.support import signed_headers, wait_until
 from tests.support.sentry import event_url, issue_body, payloads_dir, project_id
 from tests.support.stack import (
     Stack,
-    audit_for,
     audit_of,
+    audit_of_issue,
     body_of,
     incident_by_key,
     incidents_for,
@@ -38,7 +38,9 @@ async def test_mapped_project_becomes_incident_on_mapped_service(
     assert response.status_code == 200, response.text
 
     records = await wait_until(
-        lambda: audit_for(sessions, stack.org, "payments-api"), within=60, what="audit record of payments-api"
+        lambda: audit_of_issue(sessions, stack.org, "payments-api", "9000001"),
+        within=60,
+        what="audit record of payments-api",
     )
     assert [(r.outcome, r.reason) for r in records] == [("routed", None)]
     incidents = await incidents_for(sessions, stack.org, "9000001")
@@ -59,7 +61,9 @@ async def test_unmapped_project_is_acknowledged_and_audited_without_incident(
     assert response.status_code == 200, response.text
 
     records = await wait_until(
-        lambda: audit_for(sessions, stack.org, "not-mapped-anywhere"), within=60, what="unmapped audit record"
+        lambda: audit_of_issue(sessions, stack.org, "not-mapped-anywhere", "9000002"),
+        within=60,
+        what="unmapped audit record",
     )
     assert [(r.outcome, r.reason, r.incident_id) for r in records] == [("ignored", "unmapped", None)]
     assert await incidents_for(sessions, stack.org, "9000002") == []
@@ -72,7 +76,9 @@ async def test_disabled_mapping_is_acknowledged_and_audited_without_incident(
     assert response.status_code == 200, response.text
 
     records = await wait_until(
-        lambda: audit_for(sessions, stack.org, "internal-tools"), within=60, what="inactive audit record"
+        lambda: audit_of_issue(sessions, stack.org, "internal-tools", "9000003"),
+        within=60,
+        what="inactive audit record",
     )
     assert [(r.outcome, r.reason, r.incident_id) for r in records] == [("ignored", "mapping_inactive", None)]
     assert records[0].service_id is not None

@@ -119,6 +119,13 @@ async def audit_for(sessions: async_sessionmaker[AsyncSession], org: str, projec
         return list(rows)
 
 
+async def audit_of_issue(
+    sessions: async_sessionmaker[AsyncSession], org: str, project: str, issue_id: str
+) -> list[AuditRecord]:
+    """The org's audit records of one project and Sentry issue (other tests share the stack's org)."""
+    return [r for r in await audit_for(sessions, org, project) if r.sentry_issue_id == issue_id]
+
+
 async def incidents_for(sessions: async_sessionmaker[AsyncSession], org: str, issue_id: str) -> list[Incident]:
     async with sessions() as session:
         rows = await session.scalars(
