@@ -17,6 +17,7 @@ log = logging.getLogger("blametrail.ingest")
 
 V = TypeVar("V")
 MAX_ENTRIES = 100_000
+STALE_RETRY_SECONDS = 1.0
 
 
 class OrgCache(Generic[V]):
@@ -24,8 +25,8 @@ class OrgCache(Generic[V]):
 
     Misses (unknown orgs, None) are cached too, so a flood of bad URLs cannot turn into a flood of
     queries; concurrent misses of one org share one query. A change in the database takes effect
-    within ``ttl``. When the database fails, a stale value is served if there is one (logged);
-    otherwise the error propagates to the caller.
+    within ``ttl``. When the database fails, a stale value is served if there is one (logged; the
+    database is asked again after ``STALE_RETRY_SECONDS``); otherwise the error propagates.
     """
 
     def __init__(
@@ -56,6 +57,9 @@ class OrgCache(Generic[V]):
                 if entry is None:
                     raise
                 log.warning("database unavailable (%r): using cached credentials of org %s", exc, org)
+                # Keep serving them for a while: during an outage, one attempt per org per interval,
+                # not one (with its connect wait) per webhook.
+                self._entries[org] = (time.monotonic() + min(self._ttl, STALE_RETRY_SECONDS), entry[1])
                 return entry[1]
             finally:
                 self._locks.pop(org, None)
