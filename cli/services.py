@@ -9,12 +9,18 @@ import os
 import tempfile
 from typing import Any
 
-from shared.logs import setup_logging
+from shared.logs import log_settings, setup_logging
 from shared.settings import Settings
 
 
-def _serve_http(app_factory: str, args: argparse.Namespace, host: str, port: int, **options: Any) -> None:
+def _serve_http(
+    app_factory: str, args: argparse.Namespace, settings: Settings, host: str, port: int, **options: Any
+) -> None:
     import uvicorn
+
+    service = app_factory.split(".", 1)[0]
+    setup_logging(args.log_level, service=service, fmt=settings.log_format)
+    log_settings(service, settings)
 
     uvicorn.run(
         app_factory,
@@ -35,6 +41,7 @@ def run_ingest(args: argparse.Namespace, settings: Settings) -> None:
     _serve_http(
         "ingest.app:create_app",
         args,
+        settings,
         settings.ingest_host,
         settings.ingest_port,
         workers=workers,
@@ -46,7 +53,7 @@ def run_ingest(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def run_admin(args: argparse.Namespace, settings: Settings) -> None:
-    _serve_http("admin.app:create_app", args, settings.admin_host, settings.admin_port)
+    _serve_http("admin.app:create_app", args, settings, settings.admin_host, settings.admin_port)
 
 
 def run_router(args: argparse.Namespace, settings: Settings) -> None:
@@ -54,6 +61,7 @@ def run_router(args: argparse.Namespace, settings: Settings) -> None:
     from shared.runtime import run_until_signalled, serve_metrics
 
     setup_logging(args.log_level, service="router", fmt=settings.log_format)
+    log_settings("router", settings)
     serve_metrics(settings.router_metrics_port)
     run_until_signalled(lambda stop: Router(settings).run(stop))
 
@@ -63,6 +71,7 @@ def run_writer(args: argparse.Namespace, settings: Settings) -> None:
     from shared.runtime import run_until_signalled, serve_metrics
 
     setup_logging(args.log_level, service="writer", fmt=settings.log_format)
+    log_settings("writer", settings)
     serve_metrics(settings.writer_metrics_port)
     run_until_signalled(lambda stop: IncidentWriter(settings).run(stop))
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -109,3 +109,8 @@ def setup_logging(level: str | int = logging.INFO, *, service: str = "blametrail
         handler._blametrail = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def log_settings(service: str, settings: Settings) -> None:
+    """One line at startup with the effective settings, secrets left out (``Settings.public``)."""
+    logging.getLogger(f"blametrail.{service}").info("settings", extra={"settings": settings.public()})

@@ -90,8 +90,23 @@ class Settings(BaseSettings):
     admin_host: str = "127.0.0.1"
     admin_port: int = 8001
 
+    def public(self) -> dict[str, object]:
+        """The effective settings without secrets (logged at startup): keys dropped, passwords masked."""
+        values = self.model_dump(exclude={"secret_keys"})
+        values["database_url"] = _mask_password(self.database_url)
+        values["secret_keys"] = f"{len([k for k in self.secret_keys.split(',') if k.strip()])} key(s)"
+        return values
+
     def webhook_url(self, org_slug: str) -> str:
         return f"{self.public_url.rstrip('/')}/webhooks/sentry/{org_slug}"
+
+
+def _mask_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not (sep and at) or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
 
 
 @lru_cache(maxsize=1)

@@ -36,3 +36,12 @@ async def test_grep_for_a_delivery_id_finds_its_path_through_every_service(
         ("router", "routed", "payments-api")
     ]
     assert [(line["service"], line["event"]) for line in lines["writer"]] == [("writer", "written")]
+
+
+def test_every_service_logs_its_effective_settings_without_secrets(stack: Stack) -> None:
+    for process in stack.processes:
+        lines = [json.loads(line) for line in process.output().splitlines() if line.startswith("{")]
+        [settings] = [line["settings"] for line in lines if line.get("event") == "settings"]
+        assert isinstance(settings, dict) and settings["kafka_bootstrap"] == stack.settings.kafka_bootstrap
+        assert settings["secret_keys"].endswith("key(s)"), process.command
+        assert stack.secret not in process.output()
