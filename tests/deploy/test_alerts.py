@@ -33,8 +33,9 @@ def defined_samples() -> set[str]:
     return names
 
 
-def test_alert_rules_use_defined_metrics() -> None:
-    rules: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())
+@pytest.mark.parametrize("name", ("alerts", "alerts-optional"))
+def test_alert_rules_use_defined_metrics(name: str) -> None:
+    rules: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / f"{name}.yml").read_text())
     defined = defined_samples()
     used = set()
     for group in rules["groups"]:
@@ -60,18 +61,25 @@ def promtool() -> str:
     return found
 
 
-def test_promtool_checks_the_rules() -> None:
-    done = subprocess.run([promtool(), "check", "rules", "deploy/alerts.yml"], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+RULE_FILES = ("alerts", "alerts-optional")
 
 
-def test_every_rule_passes_its_promtool_unit_test() -> None:
+@pytest.mark.parametrize("name", RULE_FILES)
+def test_promtool_checks_the_rules(name: str) -> None:
     done = subprocess.run(
-        [promtool(), "test", "rules", "deploy/alerts.test.yml"], cwd=ROOT, capture_output=True, text=True
+        [promtool(), "check", "rules", f"deploy/{name}.yml"], cwd=ROOT, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    rules: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())
-    tests: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "alerts.test.yml").read_text())
+
+
+@pytest.mark.parametrize("name", RULE_FILES)
+def test_every_rule_passes_its_promtool_unit_test(name: str) -> None:
+    done = subprocess.run(
+        [promtool(), "test", "rules", f"deploy/{name}.test.yml"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rules: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / f"{name}.yml").read_text())
+    tests: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / f"{name}.test.yml").read_text())
     alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
     tested = {
         case["alertname"]
