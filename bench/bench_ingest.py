@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import statistics
 import sys
@@ -22,11 +21,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.harness import loopback_only
 from shared.security import sign
 
 DEFAULT_PAYLOAD = Path(__file__).resolve().parents[2] / "shared" / "sentry" / "payloads" / "issue.created.json"
@@ -44,18 +43,6 @@ class Results:
     errors: Counter[str] = field(default_factory=Counter)
     duration: float = 0.0
     server: dict[str, Histogram] = field(default_factory=dict)
-
-
-def loopback_only(url: str) -> str:
-    """``url`` if its host is a loopback address or localhost; exits otherwise."""
-    host = urlsplit(url).hostname or ""
-    try:
-        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        ok = False
-    if not ok:
-        sys.exit(f"refusing {url}: the benchmark only talks to loopback addresses")
-    return url.rstrip("/")
 
 
 def bodies(template: dict[str, object], count: int, issues: int) -> list[bytes]:

@@ -14,7 +14,10 @@ Answers (every one counted in ``blametrail_ingest_requests_total`` by resource a
 - 413 ``too_large``: over ``BLAMETRAIL_MAX_BODY_BYTES`` (declared or counted while streaming);
 - 431 ``headers_too_large``: over 100 headers or 16 KiB of head (``ingest/http_limits.py``);
 - 503 ``unavailable`` with ``Retry-After``: the event could not be made durable (or the database
-  holding the secrets is down and nothing is cached).
+  holding the secrets is down and nothing is cached);
+- 503 ``overloaded`` with ``Retry-After``: the event loop runs late with a queue, recent answers are
+  all slow, or too many requests are in flight (``LoadMonitor``), so the webhook is refused before
+  any work rather than answered late.
 
 Never a 3xx: Sentry counts a redirect as delivered.
 """
@@ -25,6 +28,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import os
 import time
 import uuid
@@ -66,6 +70,10 @@ INGEST_VERSION = "1"
 RESOURCE_HEADER = "sentry-hook-resource"
 SIGNATURE_HEADER = "sentry-hook-signature"
 RETRY_AFTER = "5"
+OVERLOAD_RETRY_AFTER = "1"
+LAG_TICK_SECONDS = 0.05
+MIN_ANSWERS = 3  # answers in a tick interval before their fastest one counts as queueing
+QUEUEING_HOLD = 0.5  # seconds a queueing measurement holds without a newer one
 
 
 class BodyTooLarge(Exception):
@@ -83,6 +91,61 @@ class IngestState:
     secrets: SecretCache
     legacy_tokens: LegacyTokenCache
     publisher: Publisher
+
+
+class LoadMonitor:
+    """How loaded this process is: the event loop's lag, queueing inside ingest, requests in flight.
+
+    A ticker wakes every ``interval`` seconds; how late it woke is the loop's lag (CPU starvation, a
+    long callback, a burst of ready connections). While the loop is stuck the ticker cannot run, so
+    ``current_lag`` also counts how overdue the next tick is right now: requests served right after
+    a stall see it, before the ticker does.
+
+    Queueing (CoDel's signal): the *fastest* webhook answered during the last tick interval. When even
+    that one took long, every request is waiting behind others (a starved spool thread, a CPU share
+    too small for the rate) although the loop itself keeps ticking; one slow request does not count.
+    A measurement holds for ``QUEUEING_HOLD`` seconds while no new one replaces it (shed requests are
+    not answers), so shedding stops by itself once the backlog is gone.
+    """
+
+    def __init__(self, interval: float = LAG_TICK_SECONDS) -> None:
+        self.interval = interval
+        self.inflight = 0
+        self._queueing = 0.0  # the fastest answer of the last interval with MIN_ANSWERS answers
+        self._queueing_at = -math.inf
+        self._lag = 0.0
+        self._due = math.inf  # no tick scheduled: nothing overdue
+        self._fastest = math.inf
+        self._answers = 0
+
+    def current_lag(self) -> float:
+        return max(self._lag, time.monotonic() - self._due)
+
+    @property
+    def queueing(self) -> float:
+        return self._queueing if time.monotonic() - self._queueing_at < QUEUEING_HOLD else 0.0
+
+    def answered(self, seconds: float) -> None:
+        """A webhook was answered (not shed) after ``seconds`` inside ingest."""
+        self._answers += 1
+        self._fastest = min(self._fastest, seconds)
+
+    def _close_interval(self) -> None:
+        if self._answers >= MIN_ANSWERS:
+            self._queueing, self._queueing_at = self._fastest, time.monotonic()
+        self._fastest, self._answers = math.inf, 0
+
+    async def run(self) -> None:
+        """The ticker; runs until cancelled."""
+        try:
+            while True:
+                self._due = time.monotonic() + self.interval
+                await asyncio.sleep(self.interval)
+                self._lag = max(0.0, time.monotonic() - self._due)
+                self._close_interval()
+                metrics.INGEST_LOOP_LAG.set(self._lag)
+        finally:
+            self._due = math.inf
 
 
 # An endpoint body: the response and its outcome label.
@@ -129,17 +192,42 @@ def _resource_label(resource: str) -> str:
     return resource if resource in KNOWN_RESOURCES else "other"
 
 
+def _overloaded(settings: Settings, load: LoadMonitor) -> tuple[Response, str] | None:
+    """503 ``overloaded`` when the loop lags while other requests are in flight (a queue: one request
+    alone is served, whatever the loop did before), when even the fastest recent answers took twice
+    the lag limit (queueing), or when too many requests are in flight (this one counted)."""
+    lag = load.current_lag()
+    limit = settings.ingest_overload_lag_seconds
+    lagging = lag >= limit and load.inflight > 1
+    if not lagging and load.queueing < 2 * limit and load.inflight <= settings.ingest_overload_max_requests:
+        return None
+    log.warning(
+        "overloaded (event loop lag %.3f s, fastest recent answer %.3f s, %d requests in flight): webhook refused",
+        lag,
+        load.queueing,
+        load.inflight,
+    )
+    message = "ingest is overloaded and could not answer within Sentry's budget; retry"
+    return _error(503, "overloaded", message, {"Retry-After": OVERLOAD_RETRY_AFTER}), "overloaded"
+
+
 async def _answer(request: Request, resource: str, handle: Handler) -> Response:
-    """Run ``handle`` and count its outcome and latency."""
+    """Run ``handle`` unless the process is overloaded; count the outcome and latency."""
     state: IngestState = request.app.state.ingest
+    load: LoadMonitor = request.app.state.load
     started = time.perf_counter()
     outcome = "error"
+    load.inflight += 1
     try:
-        response, outcome = await handle(state, request)
+        response, outcome = _overloaded(state.settings, load) or await handle(state, request)
         return response
     finally:
+        load.inflight -= 1
+        elapsed = time.perf_counter() - started
+        if outcome in ("accepted", "spooled"):  # not a shed request, nor a slow sender's 408
+            load.answered(elapsed)
         metrics.INGEST_REQUESTS.labels(resource=_resource_label(resource), outcome=outcome).inc()
-        metrics.INGEST_REQUEST_SECONDS.observe(time.perf_counter() - started)
+        metrics.INGEST_REQUEST_SECONDS.observe(elapsed)
 
 
 async def _receive(
@@ -327,7 +415,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 
 def build_app(lifespan: Lifespan) -> Starlette:
-    """Ingest's endpoints behind the head limits; ``lifespan`` sets ``app.state.ingest``."""
+    """Ingest's endpoints behind the head limits; ``lifespan`` sets ``app.state.ingest``. The
+    ``LoadMonitor`` (``app.state.load``) ticks while the app runs, whatever ``lifespan`` is."""
+    load = LoadMonitor()
+
+    @contextlib.asynccontextmanager
+    async def monitored(app: Starlette) -> AsyncIterator[None]:
+        async with lifespan(app):
+            ticker = asyncio.create_task(load.run(), name="ingest-loop-lag")
+            try:
+                yield
+            finally:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+
     routes = [
         Route("/webhooks/sentry/{org}", webhook, methods=["POST"]),
         # Sentry counts a 3xx as success and does not follow it: the slash variant is served, never redirected.
@@ -340,9 +442,10 @@ def build_app(lifespan: Lifespan) -> Starlette:
     ]
     app = Starlette(
         routes=routes,
-        lifespan=lifespan,
+        lifespan=monitored,
         middleware=[Middleware(HeadLimits)],
         exception_handlers={HTTPException: _http_error},
     )
     app.router.redirect_slashes = False
+    app.state.load = load
     return app

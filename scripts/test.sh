@@ -19,11 +19,13 @@ mypy
 
 # Debian packages the tests drive: Chromium for the browser tests (Playwright without its own
 # browser download), docker-compose to check docker-compose.yml with the real parser (`config -q`),
-# prometheus for promtool (the alert rules' checks and unit tests).
+# prometheus for promtool (the alert rules' checks and unit tests) and the dashboard test, wrk for the
+# benchmark harness's smoke test.
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)  # the benchmark harness's smoke test
 if (( ${#need[@]} )); then
   log "installing ${need[*]} for the tests (apt-get)"
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"

@@ -66,6 +66,12 @@ INGEST_SPOOL_OLDEST_AGE = Gauge(
 )
 INGEST_SPOOL_DRAINED = Counter("blametrail_ingest_spool_drained_total", "Spooled webhooks delivered to Kafka")
 INGEST_PRODUCER_RESTARTS = Counter("blametrail_ingest_producer_restarts_total", "Kafka producer recreations")
+INGEST_LOOP_LAG = Gauge(
+    "blametrail_ingest_event_loop_lag_seconds",
+    "How late ingest's event loop last ran a 50 ms ticker (CPU starvation, long callbacks); past"
+    " BLAMETRAIL_INGEST_OVERLOAD_LAG_SECONDS webhooks are answered 503 overloaded",
+    multiprocess_mode="livemax",
+)
 
 # Router
 ROUTER_EVENTS = Counter("blametrail_router_events_total", "Events routed or ignored, by reason", ["outcome", "reason"])

@@ -45,9 +45,9 @@ class Settings(BaseSettings):
     spool_dir: str = "/var/tmp/blametrail-spool"
     spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024 * 1024)
     ingest_max_inflight: int = Field(default=1000, ge=1)
-    # Load shedding: a webhook arriving while the event loop runs this late, or while this many
-    # requests are already in flight, is answered 503 overloaded at once (ingest/app.py, LoadMonitor)
-    # rather than started and answered after Sentry's 1 s budget.
+    # Load shedding: a webhook arriving while the event loop runs this late (or the fastest recent
+    # answers took twice this), or while this many requests are already in flight, is answered 503
+    # overloaded at once (ingest/app.py, LoadMonitor) rather than answered after Sentry's 1 s budget.
     ingest_overload_lag_seconds: float = Field(default=0.25, gt=0)
     ingest_overload_max_requests: int = Field(default=1000, ge=1)
 

@@ -1,0 +1,231 @@
+"""Router and writer throughput draining a pre-filled topic, each beside its ceiling.
+
+On topics of its own (a fresh ``bench-<id>.`` prefix, so the running stack is not disturbed) this
+fills the raw topic with ``--events`` signed-body records exactly as ingest writes them (org
+``demo``'s mapped project, ingest's headers), then measures, one after the other:
+
+- **passthrough**: an aiokafka consume → produce loop (same producer settings, batches of 500, every
+  send acknowledged, then commit) copying raw to a scratch topic: the ceiling of any consumer step;
+- **router**: ``blametrail router`` on that prefix, events/s from its first routed event to the last;
+- **writer**: ``blametrail writer`` draining the router's output, events/s likewise;
+- **copy**: ``COPY`` of the same number of rows (delivery id, org, project, the raw body as jsonb)
+  into a temporary table: the ceiling of getting rows into Postgres.
+
+CPU of each (process CPU over the same window) is reported per event.
+
+    python -m bench.consumers --stack /tmp/bt-bench --events 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from aiokafka import AIOKafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.harness import PAYLOADS, cpu_seconds
+from bench.saturation import free_port
+from bench.stack import read_env
+from shared import events
+from shared.kafka import create_topics, make_producer
+from shared.settings import Settings
+from shared.topics import Topics
+
+BATCH = 500
+
+
+def bodies(count: int, project: str) -> list[bytes]:
+    template = json.loads((PAYLOADS / "issue.created.json").read_bytes())
+    template["data"]["issue"]["project"]["slug"] = project
+    out = []
+    run = uuid.uuid4().hex[:8]
+    for n in range(count):
+        template["data"]["issue"]["id"] = str(7_000_000 + n % 1000)
+        template["bench_sequence"] = f"{run}-{n}"
+        out.append(json.dumps(template, separators=(",", ":")).encode())
+    return out
+
+
+async def fill(settings: Settings, topic: str, values: list[bytes]) -> None:
+    producer = make_producer(settings, client_id="bench-fill")
+    await producer.start()
+    try:
+        for start in range(0, len(values), BATCH):
+            futures = []
+            for n, body in enumerate(values[start : start + BATCH], start):
+                received = events.rfc3339(events.utc_now()).encode()
+                headers = [
+                    (events.H_ORG, b"demo"),
+                    (events.H_RESOURCE, b"issue"),
+                    (events.H_RECEIVED_AT, received),
+                    (events.H_DELIVERY_ID, events.delivery_id("demo", "issue", body).encode()),
+                    (events.H_INGEST_VERSION, b"1"),
+                ]
+                key = f"demo/{7_000_000 + n % 1000}".encode()
+                futures.append(await producer.send(topic, value=body, key=key, headers=headers))
+            await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def passthrough(settings: Settings, source: str, target: str, count: int) -> dict[str, float]:
+    """Consume ``count`` records of ``source``, produce each to ``target``, acks then commit per batch."""
+    consumer = AIOKafkaConsumer(
+        source,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=f"{source}.passthrough",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=BATCH,
+    )
+    producer = make_producer(settings, client_id="bench-passthrough")
+    await consumer.start()
+    await producer.start()
+    seen = 0
+    started = cpu_started = 0.0
+    try:
+        while seen < count:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=BATCH)
+            if not started and batches:
+                started, cpu_started = time.monotonic(), _own_cpu()
+            futures = []
+            for records in batches.values():
+                for r in records:
+                    futures.append(await producer.send(target, value=r.value, key=r.key, headers=list(r.headers)))
+            await asyncio.gather(*futures)
+            if futures:
+                await consumer.commit()
+            seen += len(futures)
+        took = time.monotonic() - started
+        return _rate(count, took, _own_cpu() - cpu_started)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _rate(count: int, seconds: float, cpu: float) -> dict[str, float]:
+    return {
+        "events": count,
+        "seconds": round(seconds, 2),
+        "events_per_s": round(count / seconds, 1) if seconds else 0.0,
+        "cpu_ms_per_event": round(cpu * 1000 / count, 3),
+    }
+
+
+def _counter(url: str, family_name: str) -> float:
+    try:
+        text = httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return 0.0
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == family_name
+        for s in f.samples
+        if s.name.endswith("_total")
+    )
+
+
+def service_drain(
+    command: str, env: dict[str, str], port: int, family: str, count: int, within: float
+) -> dict[str, Any]:
+    """Run ``blametrail command`` until its ``family`` counter reaches ``count``; rate from its first event."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + within
+        first: tuple[float, float, float] | None = None
+        done = 0.0
+        while time.monotonic() < deadline and process.poll() is None:
+            done = _counter(url, family)
+            if first is None and done > 0:
+                first = (time.monotonic(), done, cpu_seconds(process.pid))
+            if done >= count:
+                break
+            time.sleep(0.1)
+        if first is None or done < count:
+            return {"events": done, "drained": False}
+        took = time.monotonic() - first[0]
+        return {**_rate(int(count - first[1]), took, cpu_seconds(process.pid) - first[2]), "drained": True}
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def copy_ceiling(database_url: str, values: list[bytes]) -> dict[str, float]:
+    conninfo = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conninfo) as conn:
+        conn.execute("create temp table bench_copy (delivery_id text, org text, project text, body jsonb)")
+        started, cpu = time.monotonic(), _own_cpu()
+        with conn.cursor() as cursor, cursor.copy("copy bench_copy from stdin") as copy:
+            for n, body in enumerate(values):
+                copy.write_row((f"bench-{n}", "demo", "payments-api", body.decode()))
+        conn.commit()
+        return _rate(len(values), time.monotonic() - started, _own_cpu() - cpu)
+
+
+def run(run_dir: Path, count: int, within: float = 300.0) -> dict[str, Any]:
+    env_file = {**read_env(run_dir / "postgres.env"), **read_env(run_dir / "kafka.env")}
+    prefix = f"bench-{uuid.uuid4().hex[:8]}."
+    settings = Settings(
+        kafka_bootstrap=env_file["BLAMETRAIL_KAFKA_BOOTSTRAP"],
+        database_url=env_file["BLAMETRAIL_DATABASE_URL"],
+        topic_prefix=prefix,
+        router_group=prefix + "router",
+        writer_group=prefix + "writer",
+        router_metrics_port=free_port(),
+        writer_metrics_port=free_port(),
+    )
+    topics = Topics.from_settings(settings)
+    values = bodies(count, "payments-api")
+    asyncio.run(create_topics(settings))
+    asyncio.run(fill(settings, topics.raw, values))
+    results: dict[str, Any] = {"events": count, "topic_prefix": prefix}
+    results["passthrough"] = asyncio.run(passthrough(settings, topics.raw, topics.dlq, count))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLAMETRAIL_")}
+    env.update({f"BLAMETRAIL_{k.upper()}": str(v) for k, v in settings.model_dump().items()})
+    env["BLAMETRAIL_LOG_FORMAT"] = "json"
+    results["router"] = service_drain(
+        "router", env, settings.router_metrics_port, "blametrail_router_events", count, within
+    )
+    results["writer"] = service_drain(
+        "writer", env, settings.writer_metrics_port, "blametrail_writer_events", count, within
+    )
+    results["copy"] = copy_ceiling(settings.database_url, values)
+    for stage, ceiling in (("router", "passthrough"), ("writer", "copy")):
+        if results[stage].get("drained"):
+            results[f"{stage}_vs_{ceiling}"] = round(
+                results[stage]["events_per_s"] / results[ceiling]["events_per_s"], 3
+            )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stack", type=Path, default=Path("/tmp/bt-bench"))
+    parser.add_argument("--events", type=int, default=20_000)
+    args = parser.parse_args()
+    print(json.dumps(run(args.stack, args.events), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""What every measurement of ``bench.run_all`` shares: the target, signed bodies, tools, process stats.
+
+A *target* is a running ingest (URL, org, the org's client secret) plus the pids of the processes to
+account CPU and memory to (ingest, router, writer, kafka, postgres: whichever are known). Bodies are
+the corpus's ``issue.created`` with a distinct issue id and sequence number each, signed with the
+org's secret before any clock starts, written one ``signature<TAB>body`` a line for wrk's Lua script
+and the open-loop generators.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from shared.security import sign
+
+REPO = Path(__file__).resolve().parents[1]
+PAYLOADS = Path(os.environ.get("BLAMETRAIL_PAYLOADS_DIR") or REPO.parent / "shared" / "sentry" / "payloads")
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Target:
+    url: str  # ingest's base URL, loopback only
+    org: str
+    secret: str
+    project: str = "payments-api"  # a mapped project of the org, so webhooks are routed and written
+    pids: dict[str, int] = field(default_factory=dict)  # process name -> pid (its children counted too)
+    writer_metrics: str | None = None  # the writer's /metrics URL: wait for the pipeline to drain
+
+    @property
+    def webhook_path(self) -> str:
+        return f"/webhooks/sentry/{self.org}"
+
+
+def loopback_only(url: str) -> str:
+    """``url`` without a trailing slash if its host is loopback; exits otherwise."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        sys.exit(f"refusing {url}: the benchmarks only talk to loopback addresses")
+    return url.rstrip("/")
+
+
+def write_bodies(path: Path, secret: str, count: int, *, project: str, issues: int = 1000, start: int = 0) -> Path:
+    """``count`` distinct signed ``issue.created`` bodies over ``issues`` issue ids, one a line."""
+    template = json.loads((PAYLOADS / "issue.created.json").read_bytes())
+    issue = template["data"]["issue"]
+    if isinstance(issue.get("project"), dict):
+        issue["project"]["slug"] = project
+    lines = []
+    for n in range(start, start + count):
+        issue["id"] = str(9_000_000 + n % issues)
+        template["bench_sequence"] = n
+        body = json.dumps(template, separators=(",", ":"))
+        lines.append(f"{sign(secret, body.encode())}\t{body}\n")
+    path.write_text("".join(lines))
+    return path
+
+
+def read_bodies(path: Path) -> list[tuple[str, bytes]]:
+    out = []
+    for line in path.read_bytes().splitlines():
+        signature, _, body = line.partition(b"\t")
+        out.append((signature.decode(), body))
+    return out
+
+
+def percentiles(latencies: Iterable[float]) -> dict[str, float]:
+    """p50, p99, p99.9 and max of ``latencies`` (seconds), in milliseconds (nearest rank)."""
+    values = sorted(latencies)
+    if not values:
+        return {"p50_ms": 0.0, "p99_ms": 0.0, "p999_ms": 0.0, "max_ms": 0.0}
+
+    def at(q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
+
+    return {"p50_ms": at(0.5), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": round(values[-1] * 1000, 2)}
+
+
+# Tools ---------------------------------------------------------------------------------------------
+
+
+def ensure_wrk() -> str:
+    """The ``wrk`` binary, installed with apt-get (Debian package ``wrk``) when missing."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    install = [*sudo, "apt-get", "install", "-y", "-q", "wrk"]
+    if subprocess.run(install, capture_output=True).returncode != 0:
+        subprocess.run([*sudo, "apt-get", "update", "-q"], capture_output=True)
+        subprocess.run(install, capture_output=True)
+    found = shutil.which("wrk")
+    if not found:
+        sys.exit("wrk is missing and apt-get could not install it: apt-get install wrk")
+    return found
+
+
+def find_vegeta(install: bool = False) -> str | None:
+    """``vegeta`` on PATH or in Go's bin directory; with ``install``, ``go install`` it when missing."""
+    gobin = Path(os.environ.get("GOBIN") or Path(os.environ.get("GOPATH") or Path.home() / "go") / "bin")
+    candidates = [shutil.which("vegeta"), str(gobin / "vegeta")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return candidate
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
+    if install and go:
+        print("vegeta not found: go install github.com/tsenart/vegeta/v12@latest", file=sys.stderr)
+        subprocess.run([go, "install", "github.com/tsenart/vegeta/v12@latest"], capture_output=True, timeout=600)
+        if (gobin / "vegeta").is_file():
+            return str(gobin / "vegeta")
+    return None
+
+
+# Processes -----------------------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # fields from 3 (state) on; the name may hold spaces
+
+
+def children(pid: int) -> list[int]:
+    """``pid`` and every live descendant (postgres backends, uvicorn workers)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields:
+                parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(parents.get(current, []))
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its live descendants, plus what its dead children used."""
+    total = 0
+    for member in children(pid):
+        fields = _stat(member)
+        if fields:  # utime, stime, cutime, cstime are fields 14-17 (index 11-14 from field 3)
+            total += sum(int(v) for v in fields[11:15])
+    return total / TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set (VmHWM) of ``pid`` plus its descendants' (an upper bound for postgres)."""
+    total_kb = 0
+    for member in children(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            pass
+    return round(total_kb / 1024, 1)
+
+
+class CpuMeter:
+    """CPU seconds each named process used between ``__init__`` and ``stop``."""
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self.pids = dict(pids)
+        self.started = time.monotonic()
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        self.wall = time.monotonic() - self.started
+        return {name: cpu_seconds(pid) - self._before[name] for name, pid in self.pids.items()}
+
+
+def per_webhook_ms(used: Mapping[str, float], webhooks: int, ours: Iterable[str]) -> dict[str, float]:
+    """CPU milliseconds per webhook for each process, and the sums over ``ours`` and over all."""
+    if webhooks <= 0:
+        return {}
+    out = {name: round(seconds * 1000 / webhooks, 3) for name, seconds in used.items()}
+    mine = [name for name in ours if name in out]
+    out["services_total"] = round(sum(out[name] for name in mine), 3)
+    out["all_total"] = round(sum(v for k, v in out.items() if k != "services_total"), 3)
+    return out

@@ -1,0 +1,203 @@
+"""Ack latency at a fixed rate (open loop), with CPU per webhook and peak memory of every process.
+
+vegeta (``--engine vegeta``, the default when it is installed) or ``bench.openloop`` (``--engine
+python``) sends ``rate * seconds`` pre-signed, distinct webhooks at exactly ``rate`` per second while
+the whole pipeline runs. Reported: answers by status, p50/p99/p99.9/max of the answers, how many
+took over 1 s (Sentry's budget) or got none. CPU: ``/proc/<pid>/stat`` of every known process from
+the start of the run until the writer has written every acknowledged webhook (or a deadline), divided
+by the acknowledged webhooks.
+
+    python -m bench.latency --stack /tmp/bt-bench --rate 1000 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench import openloop
+from bench.harness import (
+    CpuMeter,
+    Target,
+    find_vegeta,
+    loopback_only,
+    peak_rss_mb,
+    per_webhook_ms,
+    percentiles,
+    read_bodies,
+    write_bodies,
+)
+from bench.stack import SERVICES
+
+BUDGET = 1.0  # Sentry's answer budget, seconds
+
+
+def writer_events(url: str | None) -> float | None:
+    """The writer's ``blametrail_writer_events_total``, all outcomes (None without a URL)."""
+    if url is None:
+        return None
+    try:
+        text = httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return None
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "blametrail_writer_events"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+def wait_written(url: str | None, before: float | None, count: float, within: float) -> bool | None:
+    """Whether the writer counted ``count`` more events than ``before`` within ``within`` seconds."""
+    if url is None or before is None:
+        return None
+    deadline = time.monotonic() + within
+    while True:
+        if (writer_events(url) or 0.0) - before >= count:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def server_histogram(base_url: str) -> dict[float, float]:
+    """ingest's own ``blametrail_ingest_request_seconds`` buckets: upper bound -> cumulative count."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return {
+        float(sample.labels["le"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "blametrail_ingest_request_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_bucket")
+    }
+
+
+def server_view(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """Time inside ingest (first byte handled to answer) for the run: bucket bounds of p50/p99, and
+    how many took over the budget there — the rest of a client's latency is queueing before ingest."""
+    delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in sorted(after)}
+    total = delta.get(float("inf"), 0.0)
+
+    def bound(q: float) -> float:
+        return next((le * 1000 for le, n in delta.items() if n >= q * total), float("inf"))
+
+    return {
+        "requests": total,
+        "p50_le_ms": bound(0.5),
+        "p99_le_ms": bound(0.99),
+        "over_budget": total - delta.get(BUDGET, 0.0),
+    }
+
+
+def _vegeta(vegeta: str, target: Target, file: Path, rate: int, seconds: float, tmp: Path) -> list[openloop.Answer]:
+    url = f"{loopback_only(target.url)}{target.webhook_path}"
+    targets = tmp / "targets.jsonl"
+    with targets.open("w") as out:
+        for signature, body in read_bodies(file):
+            header = {"Content-Type": ["application/json"], "Sentry-Hook-Resource": ["issue"]}
+            header["Sentry-Hook-Signature"] = [signature]
+            line = {"method": "POST", "url": url, "body": base64.b64encode(body).decode(), "header": header}
+            out.write(json.dumps(line) + "\n")
+    results = tmp / "results.bin"
+    command = [vegeta, "attack", "-format=json", "-lazy", f"-targets={targets}", f"-rate={rate}/1s"]
+    command += [f"-duration={seconds}s", "-timeout=5s", "-max-body=0", f"-output={results}"]
+    subprocess.run(command, check=True, timeout=seconds + 60)
+    encoded = subprocess.run([vegeta, "encode", "--to=csv", str(results)], check=True, capture_output=True, text=True)
+    answers = []
+    for row in csv.reader(io.StringIO(encoded.stdout)):
+        answers.append(openloop.Answer(int(row[1]), int(row[2]) / 1e9, row[5]))
+    return answers
+
+
+def _python(target: Target, file: Path, rate: int, seconds: float) -> list[openloop.Answer]:
+    parts = urlsplit(loopback_only(target.url))
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    requests = [openloop.request_bytes(host, port, target.webhook_path, s, b) for s, b in read_bodies(file)]
+    return openloop.run(host, port, requests, rate, seconds)
+
+
+def run(
+    target: Target,
+    rate: int,
+    seconds: float,
+    *,
+    engine: str = "auto",
+    drain_within: float = 120.0,
+    workdir: Path | None = None,
+    first_body: int = 0,
+) -> dict[str, Any]:
+    """One open-loop run at ``rate``/s. ``first_body``: sequence number of the first body (keep runs distinct)."""
+    vegeta = find_vegeta() if engine in ("auto", "vegeta") else None
+    if engine == "vegeta" and vegeta is None:
+        sys.exit("vegeta not found: go install github.com/tsenart/vegeta/v12@latest (or --engine python)")
+    used_engine = "vegeta" if vegeta else "python"
+    count = int(rate * seconds) + rate
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        file = write_bodies(Path(tmp) / "bodies.tsv", target.secret, count, project=target.project, start=first_body)
+        written_before = writer_events(target.writer_metrics)
+        histogram_before = server_histogram(loopback_only(target.url))
+        meter = CpuMeter(target.pids)
+        started = time.monotonic()
+        if vegeta:
+            answers = _vegeta(vegeta, target, file, rate, seconds, Path(tmp))
+        else:
+            answers = _python(target, file, rate, seconds)
+        attack_seconds = time.monotonic() - started
+    statuses = Counter(a.status for a in answers)
+    acked = sum(n for status, n in statuses.items() if 200 <= status < 300)
+    drained = wait_written(target.writer_metrics, written_before, acked, drain_within)
+    used = meter.stop()
+    histogram_after = server_histogram(loopback_only(target.url))
+    answered = [a.latency for a in answers if a.status]
+    return {
+        "engine": used_engine,
+        "rate": rate,
+        "seconds": seconds,
+        "sent": len(answers),
+        "achieved_rate": round(len(answers) / attack_seconds, 1) if attack_seconds else 0.0,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "acked": acked,
+        **percentiles(answered),
+        "over_budget": sum(1 for a in answers if a.status == 0 or a.latency > BUDGET),
+        "errors": dict(Counter(a.error.split(": ")[-1][:80] for a in answers if a.error).most_common(3)),
+        "over_budget_by_status": dict(Counter(str(a.status) for a in answers if a.status == 0 or a.latency > BUDGET)),
+        "inside_ingest": server_view(histogram_before, histogram_after),
+        "pipeline_drained": drained,
+        "window_seconds": round(meter.wall, 2),
+        "cpu_seconds": {k: round(v, 3) for k, v in used.items()},
+        "cpu_ms_per_webhook": per_webhook_ms(used, acked, SERVICES),
+        "peak_rss_mb": {name: peak_rss_mb(pid) for name, pid in target.pids.items()},
+    }
+
+
+def main() -> None:
+    from bench.stack import add_target_arguments, target_from_args
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_target_arguments(parser)
+    parser.add_argument("--rate", type=int, default=1000, help="webhooks per second (default 1000)")
+    parser.add_argument("--engine", choices=("auto", "vegeta", "python"), default="auto")
+    parser.add_argument("--first-body", type=int, default=int(time.time()) % 1_000_000 * 1000)
+    args = parser.parse_args()
+    result = run(target_from_args(args), args.rate, args.seconds, engine=args.engine, first_body=args.first_body)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Every measurement of the performance issue in one run, each beside its ceiling, checked against its target.
+
+    python -m bench.run_all --out bench/results.json                 # 60 s a measurement
+    python -m bench.run_all --seconds 25 --out bench/results.json    # what docs/benchmarks.md shows
+
+Runs against the local stack in ``--stack`` (default ``/tmp/bt-bench``): started with
+``scripts/up.sh`` when it is not running, and then stopped with ``scripts/down.sh`` at the end
+(``--keep-up`` leaves it). Or ``--url/--org/--secret`` for an ingest started elsewhere.
+
+1. ``bench.saturation``: wrk at ``--connections`` against a bare Starlette endpoint, then ingest
+   (router and writer paused); then how fast router + writer drain the backlog that left.
+2. ``bench.latency`` at each of ``--rates`` (default 1000 and 2000/s), open loop, full pipeline:
+   ack percentiles, answers over 1 s, CPU ms per webhook of every process, peak RSS.
+3. ``bench.consumers`` (with ``--stack``; ``--events 0`` skips it): router events/s draining a
+   pre-filled raw topic against a consume → produce passthrough, writer events/s against ``COPY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import consumers, latency, saturation
+from bench.harness import Target
+from bench.stack import add_target_arguments, stack_down, stack_target, stack_up, target_from_args
+
+DEFAULT_STACK = Path("/tmp/bt-bench")
+TARGETS = {
+    "ingest_vs_bare": "ingest acks/s >= 0.45 x bare endpoint",
+    "p99_at_1000": "ack p99 <= 50 ms at 1,000/s",
+    "max_at_1000": "ack max <= 250 ms at 1,000/s",
+    "none_over_1s_at_2000": "no answer over 1 s (or none) at 2,000/s",
+    "cpu_per_webhook": "CPU <= 0.6 ms per webhook end to end (ingest + router + writer) at 1,000/s",
+}
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(memory_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+
+    def put(name: str, value: float | None, ok: bool | None) -> None:
+        out[name] = {"target": TARGETS[name], "value": value, "met": ok}
+
+    sat = results.get("saturation")
+    if sat:
+        put("ingest_vs_bare", sat["ratio"], sat["ratio"] >= 0.45)
+    low = results.get("latency", {}).get("1000")
+    if low:
+        put("p99_at_1000", low["p99_ms"], low["p99_ms"] <= 50)
+        put("max_at_1000", low["max_ms"], low["max_ms"] <= 250)
+        cpu = low["cpu_ms_per_webhook"].get("services_total")
+        put("cpu_per_webhook", cpu, None if cpu is None else cpu <= 0.6)
+    high = results.get("latency", {}).get("2000")
+    if high:
+        put("none_over_1s_at_2000", high["over_budget"], high["over_budget"] == 0)
+    return out
+
+
+def run(
+    target: Target,
+    seconds: float,
+    rates: list[int],
+    *,
+    connections: int = 64,
+    engine: str = "auto",
+    saturation_bodies: int = 30_000,
+    stack: Path | None = None,
+    events: int = 0,
+) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": machine(), "seconds": seconds, "command": " ".join(sys.argv)}
+    pause = {k: v for k, v in target.pids.items() if k in ("router", "writer")}
+    written_before = latency.writer_events(target.writer_metrics)
+    acked_before = sum(v for k, v in saturation.outcomes(target.url).items() if k in ("accepted", "spooled"))
+    results["saturation"] = saturation.run(
+        target, seconds, connections=connections, pause=pause, bodies=saturation_bodies
+    )
+    acked = sum(v for k, v in saturation.outcomes(target.url).items() if k in ("accepted", "spooled")) - acked_before
+    started = time.monotonic()
+    drained = latency.wait_written(target.writer_metrics, written_before, acked, within=300)
+    if drained is not None:
+        took = time.monotonic() - started
+        results["saturation"]["backlog_drain"] = {
+            "webhooks": int(acked),
+            "drained": drained,
+            "seconds": round(took, 2),
+            "events_per_s": round(acked / took, 1) if took and drained else None,
+        }
+    results["latency"] = {}
+    first = int(time.time()) % 100_000 * 10_000
+    for n, rate in enumerate(rates):
+        results["latency"][str(rate)] = latency.run(
+            target, rate, seconds, engine=engine, first_body=first + n * 10 * rate * int(seconds + 2)
+        )
+    if stack is not None and events > 0:
+        results["consumers"] = consumers.run(stack, events)
+    results["targets"] = verdicts(results)
+    results["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_target_arguments(parser)
+    parser.add_argument("--rates", default="1000,2000", help="open-loop rates, comma-separated")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections for saturation")
+    parser.add_argument("--engine", choices=("auto", "vegeta", "python"), default="auto")
+    parser.add_argument("--events", type=int, default=20_000, help="records for the router/writer drain runs")
+    parser.add_argument("--keep-up", action="store_true", help="leave a stack this run started running")
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    args = parser.parse_args()
+    rates = [int(r) for r in args.rates.split(",") if r]
+    started_stack = None
+    if not args.url and args.stack is None:
+        args.stack = DEFAULT_STACK
+    if args.stack is not None:
+        try:
+            stack_target(args.stack)
+        except (SystemExit, OSError, KeyError, ValueError):
+            print(f"starting the stack in {args.stack} (scripts/up.sh)", file=sys.stderr)
+            stack_up(args.stack)
+            started_stack = args.stack
+    try:
+        target = target_from_args(args)
+        options = {"connections": args.connections, "engine": args.engine, "stack": args.stack, "events": args.events}
+        results = run(target, args.seconds, rates, **options)
+    finally:
+        if started_stack is not None and not args.keep_up:
+            stack_down(started_stack)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    for verdict in results["targets"].values():
+        mark = {True: "met", False: "MISSED", None: "n/a"}[verdict["met"]]
+        print(f"{mark:7} {verdict['target']}: {verdict['value']}")
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
