@@ -73,8 +73,10 @@ def _with_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T
         try:
             async with sessionmaker(engine)() as session, session.begin():
                 return await work(session)
-        except (DomainError, SecretError) as exc:
+        except DomainError as exc:
             raise CliError(str(exc)) from exc
+        except SecretError as exc:  # the transaction is rolled back
+            raise CliError(f"{exc}; nothing was changed") from exc
         finally:
             await engine.dispose()
 
@@ -130,9 +132,9 @@ def org_reencrypt_secrets(args: argparse.Namespace, settings: Settings) -> None:
     """After a change of BLAMETRAIL_SECRET_KEYS: every stored client secret under the newest key."""
     try:
         keys = key_ring(settings)
-        changed = _with_session(settings, lambda s: reencrypt_secrets(s, keys))
     except SecretError as exc:
         raise CliError(f"{exc}; nothing was changed") from exc
+    changed = _with_session(settings, lambda s: reencrypt_secrets(s, keys))
     _print({"reencrypted": changed}, True)
 
 
