@@ -81,16 +81,22 @@ async def running_stack(topics: Settings, log_dir: Path) -> AsyncIterator[Stack]
     processes = [ServiceProcess(name, env, log_dir) for name in ("ingest", "router", "writer")]
     client = httpx.AsyncClient(timeout=5.0)
 
-    async def ingest_ready() -> bool:
+    urls = [
+        f"http://127.0.0.1:{port}/readyz",
+        f"http://127.0.0.1:{settings.router_metrics_port}/metrics",
+        f"http://127.0.0.1:{settings.writer_metrics_port}/metrics",
+    ]
+
+    async def all_ready() -> bool:
         for p in processes:
             assert p.alive(), f"{p.command} exited:\n{p.output()}"
         try:
-            return (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+            return all([(await client.get(url)).status_code == 200 for url in urls])
         except httpx.TransportError:
             return False
 
     try:
-        await wait_until(ingest_ready, within=60, what="ingest /readyz")
+        await wait_until(all_ready, within=60, what="ingest /readyz and the router's and writer's /metrics")
         yield Stack(
             settings, org, created["client_secret"], created["webhook_url"], processes, client, created["api_token"]
         )
