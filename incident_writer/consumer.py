@@ -48,7 +48,7 @@ from shared import metrics
 from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Retry, SentLetter, Step
 from shared.db.session import create_engine, sessionmaker
 from shared.events import H_DELIVERY_ID, H_ORG, H_REPLAY_ID, IgnoredEvent, OutputEvent, RoutedEvent
-from shared.kafka import make_consumer, make_producer
+from shared.kafka import header_map, make_consumer, make_producer
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -92,10 +92,8 @@ def decode(records: Iterable[ConsumerRecord]) -> tuple[list[Item], list[tuple[Co
 
 
 def _header(record: ConsumerRecord, name: str) -> str | None:
-    for key, value in record.headers or ():
-        if key == name and value:
-            return bytes(value).decode("utf-8", "replace")[:100]
-    return None
+    value = header_map(record.headers or ()).get(name)
+    return value[:100] if value else None
 
 
 def _replay_id(record: ConsumerRecord) -> str | None:

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from router.cache import IssueProjects, MappingCache
-from router.consumer import Delivery
+from router.consumer import Delivery, with_issue_project
 from router.routing import Decision, route
 from shared.db.models import AuditRecord, Service
 from shared.db.session import libpq_url
@@ -73,11 +73,9 @@ class RoutingDiff:
     async def add(self, delivery: Delivery) -> None:
         """Count one raw delivery (each (delivery, project) once, however often it was delivered)."""
         org_mappings = self.cache.lookup(delivery.org)
-        parsed = delivery.parsed
-        if delivery.issue_only and org_mappings is not None and parsed.sentry_issue_id is not None:
-            project = await self._issues.lookup(delivery.org, parsed.sentry_issue_id)
-            parsed = parsed.model_copy(update={"projects": (project,)}) if project is not None else parsed
-        for decision in route(parsed, org_mappings):
+        if org_mappings is not None:
+            delivery = await with_issue_project(delivery, self._issues)
+        for decision in route(delivery.parsed, org_mappings):
             slug = decision.project.slug if decision.project else None
             if (delivery.delivery_id, slug) not in self._seen:
                 self._seen.add((delivery.delivery_id, slug))

@@ -98,6 +98,16 @@ def decode_record(record: ConsumerRecord) -> Delivery:
     )
 
 
+async def with_issue_project(delivery: Delivery, issues: IssueProjects) -> Delivery:
+    """An issue-only delivery (seer) with the project the issue → project index knows, if any."""
+    if not delivery.issue_only or delivery.parsed.sentry_issue_id is None:
+        return delivery
+    project = await issues.lookup(delivery.org, delivery.parsed.sentry_issue_id)
+    if project is None:
+        return delivery
+    return replace(delivery, parsed=delivery.parsed.model_copy(update={"projects": (project,)}))
+
+
 def route_delivery(delivery: Delivery, org_mappings: OrgMappings | None, topics: Topics) -> list[Output]:
     """The routed/ignored outputs of one delivery under the org's mappings (None: unknown org)."""
     out_headers: Headers = [
@@ -194,21 +204,14 @@ class RouterStep(Step):
             org_mappings = self.cache.lookup(delivery.org)
             if org_mappings is None:
                 org_mappings = await self.cache.lookup_new(delivery.org)
-            if delivery.issue_only and org_mappings is not None:
-                delivery = await self._with_issue_project(delivery)
+            if org_mappings is not None:
+                delivery = await with_issue_project(delivery, self.issues)
             outputs = route_delivery(delivery, org_mappings, self.topics)
             for out in outputs:
                 sends.append(await self.producer.send(out.topic, value=out.value, key=out.key, headers=out.headers))
         await asyncio.gather(*sends)
         metrics.MAPPING_CACHE_AGE.set(self.cache.age_seconds)
         return dead
-
-    async def _with_issue_project(self, delivery: Delivery) -> Delivery:
-        assert delivery.parsed.sentry_issue_id is not None
-        project = await self.issues.lookup(delivery.org, delivery.parsed.sentry_issue_id)
-        if project is None:
-            return delivery
-        return replace(delivery, parsed=delivery.parsed.model_copy(update={"projects": (project,)}))
 
 
 class Router:
