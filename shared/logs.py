@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 from datetime import UTC, datetime
+from typing import TextIO
 
 import orjson
 
@@ -64,28 +66,87 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self.service = service
 
-    def format(self, record: logging.LogRecord) -> str:
+    def line(self, created: float, level: str, logger: str, event: str, fields: dict[str, object]) -> str:
+        """The one shape of a JSON log line (``format`` and :class:`EventLog` both use it)."""
         line: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
+            "ts": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+            "level": level.lower(),
             "service": self.service,
-            "logger": record.name,
-            "event": record.getMessage(),
-            **_extras(record),
+            "logger": logger,
+            "event": event,
+            **fields,
         }
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = _extras(record)
+        if record.exc_info:
+            fields["exc"] = self.formatException(record.exc_info)
+        return self.line(record.created, record.levelname, record.name, record.getMessage(), fields)
 
 
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(FORMAT)
 
+    def line(self, created: float, level: str, logger: str, event: str, fields: dict[str, object]) -> str:
+        stamp = datetime.fromtimestamp(created).isoformat(sep=" ", timespec="milliseconds").replace(".", ",")
+        return f"{stamp} {level} {logger}: {event}" + "".join(f" {k}={v}" for k, v in fields.items())
+
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         extras = _extras(record)
         return text + "".join(f" {k}={v}" for k, v in extras.items()) if extras else text
+
+
+class EventLog:
+    """Info lines about single webhooks, written several at a time.
+
+    ``add(event, **fields)`` keeps a line (only when ``logger`` is enabled for INFO), ``flush()``
+    formats the kept lines with the formatter of the handler ``setup_logging`` installed — the same
+    shape a ``logger.info(event, extra=fields)`` line has — and writes them in one call. Fields whose
+    value is None are left out. Without that handler (a library use, tests), lines go through
+    ``logger.info`` one by one.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self._pending: list[tuple[float, str, dict[str, object]]] = []
+
+    def add(self, event: str, **fields: object) -> None:
+        if self.logger.isEnabledFor(logging.INFO):
+            self._pending.append((time.time(), event, {k: v for k, v in fields.items() if v is not None}))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        handler = _our_handler(self.logger)
+        formatter = handler.formatter if handler is not None else None
+        if handler is None or not isinstance(formatter, (JsonFormatter, TextFormatter)):
+            for _, event, fields in pending:
+                self.logger.info(event, extra=fields)
+            return
+        name = self.logger.name
+        text = "".join(
+            formatter.line(created, "INFO", name, event, fields) + "\n" for created, event, fields in pending
+        )
+        with handler.lock or _NO_LOCK:
+            handler.stream.write(text)
+            handler.flush()
+
+
+_NO_LOCK = contextlib.nullcontext()
+
+
+def _our_handler(logger: logging.Logger) -> logging.StreamHandler[TextIO] | None:
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if getattr(handler, "_blametrail", False) and isinstance(handler, logging.StreamHandler):
+                return handler
+        current = current.parent if current.propagate else None
+    return None
 
 
 def setup_logging(level: str | int = logging.INFO, *, service: str = "blametrail", fmt: str | None = None) -> None:

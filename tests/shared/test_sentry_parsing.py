@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.events import IgnoredEvent, RawRef, RoutedEvent, event_fields
+from shared.events import IgnoredEvent, RawRef, Reason, RoutedEvent, encode_event, event_fields
 from shared.sentry import (
     SENTRY_FIELDS,
     ParsedWebhook,
@@ -248,3 +248,48 @@ def test_activity_alert_carries_its_activity_type() -> None:
     body["data"]["activity"] = {"type": "status_resolved_in_release"}
     assert parse_webhook(resource, body).activity_type == "status_resolved_in_release"
     assert parse_webhook("issue", body).activity_type is None
+
+
+@pytest.mark.parametrize("name", corpus_files())
+@pytest.mark.parametrize("model", [RoutedEvent, IgnoredEvent])
+def test_encoded_events_equal_pydantics_dump_over_the_corpus(
+    name: str, model: type[RoutedEvent | IgnoredEvent]
+) -> None:
+    """The router's ``encode_event`` (no model built) writes what ``model(**fields).model_dump_json()``
+    writes, and the writer's validation reads it back to the same event."""
+    resource, body = load(name)
+    parsed = parse_webhook(resource, body)
+    project = parsed.projects[0] if parsed.projects else None
+    fields: dict[str, Any] = event_fields(
+        parsed,
+        delivery="d" * 64,
+        org="acme",
+        project_slug=project.slug if project else None,
+        project_id=project.id if project else None,
+        received_at=datetime(2026, 12, 1, 6, 30, 0, 123456, tzinfo=UTC),
+        raw=RawRef(topic="sentry.webhooks.raw", partition=3, offset=42),
+    )
+    fields.update(flags=("text_cleaned",), renamed_from=None, replay_id="r1")
+    if model is RoutedEvent:
+        fields.update(service_id=7, mapping_id=9)
+    else:
+        fields.update(reason=Reason.UNMAPPED, service_id=None, mapping_id=None)
+    encoded = encode_event(model, fields)
+    expected = model(**fields)
+    assert json.loads(encoded) == json.loads(expected.model_dump_json())
+    assert model.model_validate_json(encoded) == expected
+
+
+def test_encoded_event_keeps_a_non_utc_offset_and_writes_utc_as_z() -> None:
+    parsed = ParsedWebhook(
+        resource="issue", action="created", occurred_at=datetime.fromisoformat("2026-11-30T23:59:59-14:00")
+    )
+    fields: dict[str, Any] = event_fields(
+        parsed, delivery="d", org="acme", project_slug=None, project_id=None,
+        received_at=datetime(2026, 12, 1, tzinfo=UTC), raw=RawRef(topic="t", partition=0, offset=0),
+    )  # fmt: skip
+    fields.update(reason=Reason.NO_PROJECT)
+    decoded = json.loads(encode_event(IgnoredEvent, fields))
+    assert decoded["occurred_at"] == "2026-11-30T23:59:59-14:00"
+    assert decoded["received_at"] == "2026-12-01T00:00:00Z"
+    assert decoded == json.loads(IgnoredEvent(**fields).model_dump_json())
