@@ -43,6 +43,8 @@ class TimeWindow:
 def sanitize(parsed: ParsedWebhook, received_at: datetime, window: TimeWindow) -> tuple[ParsedWebhook, tuple[str, ...]]:
     """``parsed`` with every value storable and readable, and the flags saying what was changed."""
     changes: dict[str, object] = {}
+    if _all_clean(parsed):
+        return _timed(parsed, received_at, window, changes, [])
     for name in _TEXT_FIELDS:
         value = getattr(parsed, name)
         if value is not None and not storable(value):
@@ -57,7 +59,21 @@ def sanitize(parsed: ParsedWebhook, received_at: datetime, window: TimeWindow) -
     )
     if projects != parsed.projects:
         changes["projects"] = projects
-    flags = [TEXT_CLEANED] if changes else []
+    return _timed(parsed, received_at, window, changes, [TEXT_CLEANED] if changes else [])
+
+
+def _all_clean(parsed: ParsedWebhook) -> bool:
+    """The common case in one scan: no field holds an unstorable character or an overlong id."""
+    ids = [getattr(parsed, name) or "" for name in _ID_FIELDS]
+    if any(len(value) > _ID_MAX for value in ids):
+        return False
+    texts = [getattr(parsed, name) or "" for name in _TEXT_FIELDS]
+    return storable("".join(texts + ids + [p.id or "" for p in parsed.projects]))
+
+
+def _timed(
+    parsed: ParsedWebhook, received_at: datetime, window: TimeWindow, changes: dict[str, object], flags: list[str]
+) -> tuple[ParsedWebhook, tuple[str, ...]]:
     occurred = parsed.occurred_at
     if occurred is not None and not (received_at - window.before <= occurred <= received_at + window.after):
         changes["occurred_at"] = received_at

@@ -118,6 +118,13 @@ class RouteMetrics:
     def __init__(self) -> None:
         self._events: dict[tuple[str, str], Counter] = {}
         self._mappings: dict[tuple[str, str, str], Counter] = {}
+        self._flags: dict[str, Counter] = {}
+
+    def flagged(self, flag: str) -> None:
+        child = self._flags.get(flag)
+        if child is None:
+            child = self._flags[flag] = metrics.ROUTER_FLAGGED.labels(flag=flag)
+        child.inc()
 
     def count(self, outcome: str, reason: str, org: str, mapped: str | None) -> None:
         child = self._events.get((outcome, reason))
@@ -239,7 +246,7 @@ class RouterStep(Step):
             if flags:
                 delivery = replace(delivery, parsed=parsed, flags=flags)
                 for flag in flags:
-                    metrics.ROUTER_FLAGGED.labels(flag=flag).inc()
+                    self.counts.flagged(flag)
             if delivery.replay_id:
                 metrics.REPLAYED_RECORDS.labels(topic="raw").inc()
             org_mappings = self.cache.lookup(delivery.org)

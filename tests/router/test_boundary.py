@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from router.boundary import TEXT_CLEANED, TIME_OUT_OF_RANGE, TimeWindow, sanitize
 from shared.sentry import ParsedWebhook, ProjectRef, parse_webhook
 from shared.storable import clean
@@ -58,3 +60,22 @@ def test_clean_values_pass_unchanged() -> None:
     out, flags = sanitize(parsed, RECEIVED, WINDOW)
     assert out is parsed and flags == ()
     assert clean(None) is None and clean("x" * 100, 64) == "x" * 64
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["title", "level", "culprit", "web_url", "activity_type", "sentry_issue_id", "alert_identifier", "event_id"],
+)
+def test_each_string_field_alone_is_cleaned(field: str) -> None:
+    """One dirty field among clean ones is found (the clean case is checked in one scan)."""
+    parsed = parse_webhook("issue", payload("issue.created")).model_copy(
+        update={"occurred_at": RECEIVED, field: "a\x00b"}
+    )
+    out, flags = sanitize(parsed, RECEIVED, WINDOW)
+    assert getattr(out, field) == "ab" and flags == (TEXT_CLEANED,)
+
+
+def test_an_overlong_id_is_cut_and_flagged() -> None:
+    parsed = ParsedWebhook(resource="issue", action="created", sentry_issue_id="9" * 65)
+    out, flags = sanitize(parsed, RECEIVED, WINDOW)
+    assert out.sentry_issue_id == "9" * 64 and flags == (TEXT_CLEANED,)
