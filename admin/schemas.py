@@ -126,10 +126,14 @@ class MappingPatch(_Body):
     sentry_project_id: ProjectId | None = None
 
 
-# The shared views under their API names (a subclass only names the OpenAPI schema; the
-# handlers answer the views themselves).
+# The shared views under their API names (a subclass names the OpenAPI schema; the handlers answer
+# the unmapped projects as they are, and the mappings with what only the API adds).
 class MappingOut(MappingView):
-    pass
+    events_24h: int = Field(
+        ge=0,
+        description="Deliveries received for the project in the last 24 hours, whatever their outcome: audit records "
+        "of its slug, or of the slug Sentry renamed it to (before the mapping existed too)",
+    )
 
 
 class UnmappedProjectOut(UnmappedProject):

@@ -28,6 +28,7 @@ async function load(focus) {
     }
     cell(row, m.service_name);
     cell(row, el("span", { className: "status " + (m.active ? "active" : "inactive") }, m.active ? "Active" : "Inactive"));
+    cell(row, String(m.events_24h)).className = "events";
     cell(row, link(deliveriesUrl(slug), when(m.last_event_at), `Last event of ${slug}: ${when(m.last_event_at)}, see its deliveries`));
     const verb = m.active ? "Disable" : "Enable";
     cell(row, el("div", { className: "actions" },

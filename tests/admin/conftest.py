@@ -1,4 +1,5 @@
-"""The admin app on the test database, orgs with API clients of it, and the error-shape assertion."""
+"""The admin app on the test database, orgs with API clients of it, and the error-shape assertion;
+for the page tests, the admin service as a process and a browser (tests/support/browser.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,27 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.async_api import Browser
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 
 from admin.app import create_app
 from shared.orgs import create_org
 from shared.settings import Settings
+from tests.support.browser import chromium, running_admin
+
+
+@pytest.fixture(scope="module")
+async def admin_url(migrated: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """The admin service as a process on the test database, for the page tests."""
+    async with running_admin(migrated, tmp_path_factory.mktemp("admin")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with chromium() as launched:
+        yield launched
 
 
 @dataclass

@@ -14,12 +14,12 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from shared.db.models import MAPPINGS_CHANNEL, AuditRecord, Incident, IncidentEvent
+from shared.db.models import MAPPINGS_CHANNEL, AuditRecord, Incident, IncidentEvent, SentryProjectMapping
 from shared.db.session import libpq_url
 from shared.settings import Settings
 from tests.admin.conftest import Org, error
@@ -76,7 +76,7 @@ async def test_product_page_example_configuration_round_trips(org: Org) -> None:
     ]
     assert set(listed[0]) == {
         "id", "sentry_project_slug", "service_id", "service_name", "active", "sentry_project_id", "renamed_to",
-        "created_at", "updated_at", "last_event_at",
+        "created_at", "updated_at", "last_event_at", "events_24h",
     }  # fmt: skip
     svc = (await org.client.get("/api/v1/services")).json()
     assert [s["name"] for s in svc] == ["Web App", "Payments API", "Email Worker", "Internal Tools"]
@@ -281,6 +281,45 @@ async def test_unmapped_projects_inbox(org: Org, sessions: async_sessionmaker[As
     wide = (await org.client.get("/api/v1/integrations/sentry/unmapped-projects?days=30")).json()
     assert [p["slug"] for p in wide] == ["marketing", "old-thing"]
     error(await org.client.get("/api/v1/integrations/sentry/unmapped-projects?days=0"), 422, "days")
+
+
+async def test_mappings_count_their_projects_deliveries_of_the_last_24_hours(
+    org: Org, other: Org, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    now = datetime.now(UTC)
+    web = await service(org, "Web App")
+    await audit(sessions, org, project_slug="frontend", received_at=now - timedelta(hours=30))  # before it was mapped
+    frontend = await mapping(org, "frontend", web)
+    await mapping(org, "checkout", web)
+    await mapping(org, "quiet", web)
+    await audit(sessions, org, project_slug="frontend", received_at=now - timedelta(hours=2))  # unmapped then
+    for hours in (0, 1, 23):
+        received = now - timedelta(hours=hours)
+        await audit(sessions, org, project_slug="frontend", outcome="routed", reason=None, received_at=received)
+    await audit(sessions, org, project_slug="frontend", outcome="failed", reason="rejected")
+    await audit(sessions, org, project_slug="quiet", received_at=now - timedelta(hours=25))  # outside the window
+    await audit(sessions, org, project_slug="elsewhere")  # another project
+    await audit(sessions, org, project_slug=None, reason="no_project")
+    await audit(sessions, other, project_slug="frontend")  # another org's deliveries of the same slug
+    await audit(sessions, other, project_slug="checkout")
+    # A project renamed in Sentry: its deliveries now come under the new slug.
+    await audit(sessions, org, project_slug="checkout")
+    await audit(sessions, org, project_slug="checkout-web", outcome="routed", reason=None, renamed_from="checkout")
+    async with sessions() as session, session.begin():
+        await session.execute(
+            update(SentryProjectMapping)
+            .where(SentryProjectMapping.org_id == org.id, SentryProjectMapping.sentry_project_slug == "checkout")
+            .values(renamed_to="checkout-web")
+        )
+
+    listed = (await org.client.get("/api/v1/integrations/sentry/mappings")).json()
+    assert {m["sentry_project_slug"]: m["events_24h"] for m in listed} == {"checkout": 2, "frontend": 5, "quiet": 0}
+    edited = await org.client.patch(f"/api/v1/integrations/sentry/mappings/{frontend['id']}", json={"active": False})
+    assert edited.json()["events_24h"] == 5
+    assert (await mapping(org, "elsewhere", web))["events_24h"] == 1
+    await mapping(other, "frontend", await service(other, "Theirs"))
+    theirs = (await other.client.get("/api/v1/integrations/sentry/mappings")).json()
+    assert [(m["sentry_project_slug"], m["events_24h"]) for m in theirs] == [("frontend", 1)]
 
 
 async def test_audit_and_incident_lists_filter_and_paginate(

@@ -1,75 +1,24 @@
 """The Project Mappings web page in a real browser (Debian's Chromium, driven by Playwright),
-against the admin service running as a process on the real database."""
+against the admin service running as a process on the real database (the ``admin_url`` and
+``browser`` fixtures are in tests/admin/conftest.py, built on tests/support/browser.py)."""
 
 from __future__ import annotations
 
-import shutil
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, expect
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db.models import AuditRecord
 from shared.mappings import create_service
 from shared.orgs import create_org
-from shared.settings import Settings
-from tests.support import ServiceProcess, free_port, settings_env, wait_until
+from tests.support.browser import shot, signed_in_page
 
 pytestmark = pytest.mark.integration
-
-CHROMIUM_FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-async def admin_url(migrated: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    port = free_port()
-    process = ServiceProcess(
-        "admin", settings_env(migrated, BLAMETRAIL_ADMIN_PORT=str(port)), tmp_path_factory.mktemp("admin")
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    async def up() -> bool:
-        assert process.alive(), process.output()
-        try:
-            async with httpx.AsyncClient() as client:
-                return (await client.get(url + "/healthz")).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        await wait_until(up, within=30, what="admin /healthz")
-        yield url
-    finally:
-        process.stop()
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        pytest.fail("Chromium is not installed: scripts/test.sh installs Debian's chromium package")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
-        yield browser
-        await browser.close()
-
-
-async def signed_in_page(browser: Browser, admin_url: str, token: str) -> Page:
-    page = await browser.new_page()
-    await page.goto(admin_url + "/")
-    await page.get_by_label("API token").fill(token)
-    await page.get_by_role("button", name="Continue").click()
-    await expect(page.get_by_role("heading", name="Project Mappings")).to_be_visible()
-    return page
 
 
 async def test_admin_manages_mappings_in_the_browser(
@@ -132,7 +81,7 @@ async def test_admin_manages_mappings_in_the_browser(
     await expect(page.locator('#mappings tr[data-slug="marketing-site"]')).to_contain_text("Web App")
     await expect(inbox_row).to_have_count(0)
 
-    await page.screenshot(path=str(tmp_path / "mappings.png"), full_page=True)
+    await shot(page, tmp_path, "mappings")
 
     # Delete, after confirming
     page.once("dialog", lambda dialog: dialog.accept())

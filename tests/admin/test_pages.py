@@ -20,10 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.db.models import AuditRecord, Incident, IncidentEvent, SentryProjectMapping
 from shared.mappings import add_mapping, create_service
 from shared.orgs import create_org
-from tests.admin.test_page import admin_url, browser, signed_in_page
+from tests.support.browser import shot, signed_in_page
 
 pytestmark = pytest.mark.integration
-__all__ = ["admin_url", "browser"]  # the module's fixtures, shared with test_page.py
 
 XSS = "<img src=x onerror=alert(1)>"
 
@@ -101,12 +100,6 @@ def row(page: Page, table: str, delivery: str) -> Locator:
     return page.locator(f'#{table} tr[data-delivery="{delivery}"]')
 
 
-async def shot(page: Page, tmp_path: Path, name: str) -> None:
-    path = tmp_path / f"{name}.png"
-    await page.screenshot(path=str(path), full_page=True)
-    print(f"screenshot: {path}")
-
-
 async def test_deliveries_say_what_happened_and_lead_to_incidents_and_mappings(
     browser: Browser, admin_url: str, sessions: async_sessionmaker[AsyncSession], tmp_path: Path
 ) -> None:
@@ -140,6 +133,7 @@ async def test_deliveries_say_what_happened_and_lead_to_incidents_and_mappings(
     # The mappings page: Sentry project id, the rename's one-click update, the last event → deliveries
     frontend = page.locator('#mappings tr[data-slug="frontend"]')
     await expect(frontend).to_contain_text("Sentry project id 4501")
+    await expect(frontend.locator("td.events")).to_have_text("3")  # created, resolved, failed: all within 24 h
     renamed = page.locator('#mappings tr[data-slug="old-name"]')
     await expect(renamed).to_contain_text("renamed in Sentry to new-name")
     await renamed.get_by_role("button", name="Update").click()
