@@ -1,7 +1,8 @@
 """The router's mapping cache: the whole mappings table in memory, refreshed on NOTIFY and on a timer.
 
-Lookups never touch the database. A LISTEN connection (reconnecting with backoff) triggers a
-reload whenever a mapping changes; a periodic reload covers lost notifications.
+Lookups never touch the database. A LISTEN connection (``shared.db.listen``, reconnecting with
+backoff) triggers a reload whenever a mapping or an org changes; a periodic reload covers lost
+notifications.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import logging
 import time
 from collections import OrderedDict
 
-import psycopg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from router.routing import MappingEntry, OrgMappings
 from shared import metrics
+from shared.db.listen import Listener
 from shared.db.models import MAPPINGS_CHANNEL, Organization, SentryIssueProject, SentryProjectMapping
 from shared.sentry import ProjectRef
 
@@ -26,13 +27,13 @@ log = logging.getLogger("blametrail.router.cache")
 class MappingCache:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], libpq_url: str, refresh_seconds: float) -> None:
         self._sessions = sessions
-        self._libpq_url = libpq_url
         self._refresh_seconds = refresh_seconds
         self._orgs: dict[str, OrgMappings] = {}
         self._loaded_at = 0.0
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.listening = asyncio.Event()
+        self._listener = Listener(libpq_url, MAPPINGS_CHANNEL, lambda _payload: self._dirty.set(), name="mapping")
+        self.listening = self._listener.listening
 
     def lookup(self, org: str) -> OrgMappings | None:
         """The org's mappings, or None when the org does not exist."""
@@ -82,7 +83,7 @@ class MappingCache:
     async def start(self) -> None:
         await self.load()
         self._tasks = [
-            asyncio.create_task(self._listen(), name="mapping-listen"),
+            asyncio.create_task(self._listener.run(), name="mapping-listen"),
             asyncio.create_task(self._refresher(), name="mapping-refresh"),
         ]
 
@@ -105,27 +106,6 @@ class MappingCache:
                 log.exception("mapping cache refresh failed; keeping the previous mappings")
                 await asyncio.sleep(1)
             metrics.MAPPING_CACHE_AGE.set(self.age_seconds)
-
-    async def _listen(self) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(self._libpq_url, autocommit=True)
-                async with conn:
-                    await conn.execute(f"LISTEN {MAPPINGS_CHANNEL}")
-                    # Changes made while we were not listening: reload once now.
-                    self._dirty.set()
-                    self.listening.set()
-                    backoff = 0.5
-                    async for _ in conn.notifies():
-                        self._dirty.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.listening.clear()
-                log.warning("mapping LISTEN connection lost (%r); reconnecting in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10)
 
 
 class IssueProjects:

@@ -6,11 +6,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 from shared.settings import Settings
 
+# Seconds (libpq's ``connect_timeout``, at least 2) before a connect to a database host that does not
+# answer fails: without it the OS gives up after minutes, and a request or a LISTEN waits that long.
+DB_CONNECT_TIMEOUT = 5
 
-def create_engine(settings: Settings, *, pool_size: int = 5, connect_timeout: int | None = None) -> AsyncEngine:
+
+def create_engine(
+    settings: Settings, *, pool_size: int = 5, connect_timeout: int | None = DB_CONNECT_TIMEOUT
+) -> AsyncEngine:
     """The pool pings a connection before lending it, so it reconnects by itself after a database restart.
-    ``connect_timeout`` (seconds, libpq's; at least 2) bounds a connect to an unreachable host: by default
-    there is none (the OS gives up after minutes)."""
+    ``connect_timeout`` bounds a connect to an unreachable or hanging host (None: no bound)."""
     connect_args = {} if connect_timeout is None else {"connect_timeout": connect_timeout}
     return create_async_engine(
         settings.database_url,

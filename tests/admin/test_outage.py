@@ -2,7 +2,7 @@
 
 A Postgres of this test's own (``scripts/postgres.sh`` under ``tmp_path``) is stopped and started
 again while one admin app keeps running; the app reaches it through the TCP forwarder of
-``tests/incident_writer/test_outage.py`` (a restarted Postgres may listen on another port). A second
+``tests/support/outage.py`` (a restarted Postgres may listen on another port). A second
 test points the app at a listener that accepts and never answers: the connect timeout makes that a
 503 too, not a hung request.
 """
@@ -25,7 +25,7 @@ from shared.db.migrate import upgrade
 from shared.orgs import create_org
 from shared.settings import Settings
 from tests.admin.conftest import error
-from tests.incident_writer.test_outage import Forwarder, database, postgres, with_port
+from tests.support.outage import Forwarder, database, postgres, with_port
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,8 @@
 A Postgres of this test's own (``scripts/postgres.sh`` in a run directory under ``tmp_path``) is
 stopped for OUTAGE_SECONDS while events keep arriving. ``postgres.sh start`` does not promise the
 same port after a stop (the old one is often still in TIME_WAIT), so the writer reaches Postgres
-through a small TCP forwarder on a fixed port — as it would through a service address in production.
+through the TCP forwarder of ``tests/support/outage.py`` on a fixed port — as it would through a
+service address in production.
 During the outage a second writer joins the group: the first must abandon its stuck batch for the
 rebalance to complete, and both resume on their own when the database is back.
 """
@@ -11,22 +12,17 @@ rebalance to complete, and both resume on their own when the database is back.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db.migrate import upgrade
-from shared.db.session import create_engine, sessionmaker
 from shared.settings import Settings
 from tests.support import ServiceProcess, free_port, settings_env, wait_until
 from tests.support.metrics import scrape
+from tests.support.outage import Forwarder, database, postgres, with_port
 from tests.support.writer import (
     assert_exact,
     audit_count,
@@ -40,92 +36,9 @@ from tests.support.writer import (
 
 pytestmark = pytest.mark.integration
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 # Shortened from 30 s (see docs/writer.md): with the 0.2 s → 5 s backoff this spans six attempts,
 # the last ones at the backoff cap, and a full rebalance with an abandoned batch.
 OUTAGE_SECONDS = 30.0
-
-
-def postgres(action: str, run_dir: Path) -> dict[str, str]:
-    """``scripts/postgres.sh action`` with its own run directory; the env lines it prints."""
-    done = subprocess.run(
-        ["bash", str(SCRIPTS / "postgres.sh"), action],
-        env={**os.environ, "BLAMETRAIL_RUN_DIR": str(run_dir)},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, f"postgres.sh {action} failed:\n{done.stdout}\n{done.stderr}"
-    return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
-
-
-class Forwarder:
-    """Accepts TCP connections on a fixed local port and relays each to ``upstream()``'s current port."""
-
-    def __init__(self, upstream: Callable[[], int | None]) -> None:
-        self._upstream = upstream
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            port = self._upstream()
-            if port is None:
-                return
-            try:
-                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                return
-            try:
-                await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-            finally:
-                up_writer.close()
-        finally:
-            writer.close()
-            self._tasks.discard(task)
-
-    @staticmethod
-    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        try:
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            sink.close()
-
-
-@asynccontextmanager
-async def database(url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(Settings(database_url=url))
-    try:
-        yield sessionmaker(engine)
-    finally:
-        await engine.dispose()
-
-
-def with_port(url: str, port: int) -> str:
-    head, _, tail = url.rpartition("@")
-    host, _, rest = tail.partition(":")
-    return f"{head}@{host}:{port}/{rest.split('/', 1)[1]}"
 
 
 async def test_postgres_outage_pauses_the_writer_and_it_resumes_with_exact_counts(
