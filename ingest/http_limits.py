@@ -45,6 +45,17 @@ def _count(outcome: str) -> None:
     metrics.INGEST_REQUESTS.labels(resource="other", outcome=outcome).inc()
 
 
+def head_refusal(scope: Scope) -> str | None:
+    """Why the head of an ASGI ``http`` request is over the limits, or None."""
+    headers = scope["headers"]
+    size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+    size += sum(len(name) + len(value) + LINE_OVERHEAD for name, value in headers)
+    problem = head_problem(len(headers), size)
+    if problem is not None:
+        _count("headers_too_large")
+    return problem
+
+
 class HeadLimits:
     """ASGI middleware: 431 for a head over the limits (behind a server that does not enforce them)."""
 
@@ -53,12 +64,8 @@ class HeadLimits:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            headers = scope["headers"]
-            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
-            size += sum(len(name) + len(value) + LINE_OVERHEAD for name, value in headers)
-            problem = head_problem(len(headers), size)
+            problem = head_refusal(scope)
             if problem is not None:
-                _count("headers_too_large")
                 response = JSONResponse(
                     error_body("headers_too_large", problem), status_code=431, headers={"Connection": "close"}
                 )

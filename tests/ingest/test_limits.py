@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+import pytest
 import uvicorn
 
 from ingest.http_limits import MAX_HEAD_BYTES, MAX_HEADERS, IngestHttpProtocol
@@ -243,4 +244,38 @@ async def test_unknown_paths_and_methods_answer_in_the_error_shape(tmp_path: Pat
         writer.write(b"GET /webhooks/sentry/acme HTTP/1.1\r\nHost: ingest\r\n\r\n")
         answer = await read_answer(reader)
         assert (answer.status, answer.error_code()) == (405, "method_not_allowed")
+        writer.close()
+
+
+async def test_a_body_in_several_parts_is_joined(tmp_path: Path) -> None:
+    body = orjson.dumps({"action": "created", "data": {"issue": {"id": "77", "title": "x" * 3000}}})
+    async with serving(tmp_path) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        request = signed(body)
+        for start in range(0, len(request), 700):  # head and body over several reads
+            writer.write(request[start : start + 700])
+            await writer.drain()
+        assert (await read_answer(reader)).status == 200
+        writer.close()
+        assert [value for _, _, value in server.harness.broker.log] == [body]
+
+
+async def test_an_unexpected_error_is_a_500_in_the_error_shape_and_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(tmp_path) as server:
+
+        async def broken(record: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(server.harness.publisher, "publish", broken)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        with caplog.at_level("ERROR", logger="blametrail.ingest"):
+            writer.write(signed(b'{"action": "created"}'))
+            answer = await read_answer(reader)
+        assert (answer.status, answer.error_code()) == (500, "internal_error")
+        assert any("a bug" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+        monkeypatch.undo()
+        writer.write(signed(b'{"action": "resolved"}'))  # the connection still serves
+        assert (await read_answer(reader)).status == 200
         writer.close()
