@@ -1,8 +1,8 @@
 """The part of aiokafka ingest relies on: the producer's interface, its partitioner, closing it now.
 
 ``Producer`` and ``RecordBatch`` are what ingest calls of ``AIOKafkaProducer`` and its ``BatchBuilder``
-(tests pass fakes). ``partition_for`` is the producer's default partitioner, so the drainer's
-batches land where a direct send of the same key would. ``dispose`` closes a producer without
+(tests pass fakes). ``shared.kafka.partition_for`` is the producer's default partitioner, so the
+drainer's batches land where a direct send of the same key would. ``dispose closes a producer without
 waiting for its pending records, which aiokafka has no public call for.
 """
 
@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Protocol
-
-from aiokafka.partitioner import murmur2
 
 log = logging.getLogger("blametrail.ingest.producer")
 
@@ -110,9 +108,3 @@ async def dispose(producer: Producer, within: float) -> None:
         await asyncio.wait_for(client.close(), within)
     except Exception as exc:
         log.warning("Kafka producer did not close cleanly: %r", exc)
-
-
-def partition_for(key: bytes, partitions: Sequence[int]) -> int:
-    """The partition aiokafka's default partitioner (murmur2, as the Java client) picks for ``key``."""
-    index: int = (murmur2(key) & 0x7FFFFFFF) % len(partitions)
-    return partitions[index]

@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
 
@@ -22,9 +24,9 @@ from router.boundary import TimeWindow, sanitize
 from router.cache import IssueProjects, MappingCache
 from router.routing import OrgMappings, route
 from shared import events, metrics
-from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Step
+from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Retry, Step
 from shared.db.session import create_engine, libpq_url, sessionmaker
-from shared.kafka import Headers, header_map, make_consumer, make_producer
+from shared.kafka import Headers, header_map, make_consumer, make_producer, partition_for
 from shared.logs import EventLog
 from shared.sentry import ParsedWebhook, parse_webhook
 from shared.settings import Settings
@@ -207,6 +209,45 @@ def route_delivery(
     return outputs
 
 
+async def produce(producer: AIOKafkaProducer, outputs: list[Output]) -> None:
+    """Send ``outputs`` and wait until Kafka acknowledged every one; raises the first failure.
+
+    Keyed outputs go in batches per partition (aiokafka's ``create_batch``/``send_batch``: one future
+    a batch instead of one a record, a sixth of the router's CPU in its profile), in order within
+    each partition, to the partition the default partitioner picks for the key — where ``send``
+    would have put them. An output without a key (a record of an old producer) is sent alone.
+    """
+    partitions: dict[str, list[int]] = {}
+    open_batches: dict[tuple[str, int], BatchBuilder] = {}
+    futures: list[asyncio.Future[object]] = []
+
+    async def submit(topic: str, partition: int) -> None:
+        builder = open_batches.pop((topic, partition))
+        builder.close()
+        futures.append(await producer.send_batch(builder, topic, partition=partition))
+
+    for out in outputs:
+        if out.key is None:
+            futures.append(await producer.send(out.topic, value=out.value, headers=out.headers))
+            continue
+        topic_partitions = partitions.get(out.topic)
+        if topic_partitions is None:
+            topic_partitions = partitions[out.topic] = sorted(await producer.partitions_for(out.topic))
+        target = (out.topic, partition_for(out.key, topic_partitions))
+        builder = open_batches.get(target)
+        if builder is None:
+            builder = open_batches[target] = producer.create_batch()
+        if builder.append(timestamp=None, key=out.key, value=out.value, headers=out.headers) is None:
+            await submit(*target)  # full: send it, start the partition's next one
+            builder = open_batches[target] = producer.create_batch()
+            if builder.append(timestamp=None, key=out.key, value=out.value, headers=out.headers) is None:
+                open_batches.pop(target)  # larger than a batch: on its own
+                futures.append(await producer.send(out.topic, value=out.value, key=out.key, headers=out.headers))
+    for target in list(open_batches):
+        await submit(*target)
+    await asyncio.gather(*futures)
+
+
 class RouterStep(Step):
     """Routes each raw record, produces its outputs and waits for every acknowledgement.
 
@@ -233,7 +274,7 @@ class RouterStep(Step):
         self.lines = EventLog(log)
 
     async def process(self, batch: Batch) -> list[DeadLetter]:
-        sends = []
+        outputs: list[Output] = []
         dead = []
         for record in batch:
             try:
@@ -254,10 +295,13 @@ class RouterStep(Step):
                 org_mappings = await self.cache.lookup_new(delivery.org)
             if org_mappings is not None:
                 delivery = await with_issue_project(delivery, self.issues)
-            outputs = route_delivery(delivery, org_mappings, self.topics, self.counts, self.lines)
-            for out in outputs:
-                sends.append(await self.producer.send(out.topic, value=out.value, key=out.key, headers=out.headers))
-        await asyncio.gather(*sends)
+            outputs.extend(route_delivery(delivery, org_mappings, self.topics, self.counts, self.lines))
+        try:
+            await produce(self.producer, outputs)
+        except KafkaError as exc:
+            # The broker (or a partition leader) is away: the same batch again after a backoff, its
+            # outputs sent again (the writer's idempotency absorbs what was already delivered).
+            raise Retry("kafka", f"producing the batch's outputs failed: {exc!r}") from exc
         self.lines.flush()
         metrics.MAPPING_CACHE_AGE.set(self.cache.age_seconds)
         return dead

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from shared.settings import Settings
 from shared.topics import Topics
@@ -15,16 +16,21 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+COMPRESSION = "lz4"
 
 
 def make_producer(settings: Settings, *, client_id: str, linger_ms: int = 5) -> AIOKafkaProducer:
-    """Idempotent, ``acks=all``, compressed: what every BlameTrail producer uses."""
+    """Idempotent, ``acks=all``, compressed: what every BlameTrail producer uses.
+
+    lz4 (aiokafka's ``lz4`` extra, cramjam): gzip cost ingest ~3 % of its CPU at saturation
+    (``gzip_encode`` in py-spy). Over the Sentry corpus as one batch, lz4 leaves 27 % of the bytes
+    (gzip 17 %) for about a thirtieth of gzip's CPU."""
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         client_id=client_id,
         acks="all",
         enable_idempotence=True,
-        compression_type="gzip",
+        compression_type=COMPRESSION,
         linger_ms=linger_ms,
         max_request_size=settings.kafka_max_message_bytes,
         request_timeout_ms=10_000,
@@ -91,3 +97,9 @@ def dead_letter_headers(
         ("original_offset", str(offset).encode()),
     ]
     return out
+
+
+def partition_for(key: bytes, partitions: Sequence[int]) -> int:
+    """The partition aiokafka's default partitioner (murmur2, as the Java client) picks for ``key``."""
+    index: int = (murmur2(key) & 0x7FFFFFFF) % len(partitions)
+    return partitions[index]

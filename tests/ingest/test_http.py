@@ -12,8 +12,8 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from ingest.kafka import partition_for
 from shared import events
+from shared.kafka import partition_for
 from shared.orgs import NewOrg, disable_legacy_plugin, enable_legacy_plugin, rotate_secret
 from shared.sentry import LEGACY, parse_webhook, partition_key
 from shared.settings import Settings
