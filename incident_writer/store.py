@@ -19,7 +19,11 @@ A constant number of statements per batch, whatever its size:
 
 Rows travel as one JSON parameter per statement (``jsonb_populate_recordset``), so each statement's
 text is the same for any batch: psycopg and Postgres parse and plan it once, and a batch costs a
-handful of round trips instead of one per event.
+handful of round trips instead of one per event. Each statement is compiled to SQL once, at import,
+and runs on the session's psycopg connection (no SQLAlchemy building, cache keys or result
+processing per batch); statements that do not wait for each other share a round trip (psycopg's
+pipeline mode): 2 with 4, and 7 with the learned projects (6 is a round trip of its own when
+incidents open) — three round trips and the commit for a batch of existing incidents.
 
 Between writers, rows are locked in one global order — incidents sorted by service and key, then
 audit keys sorted — so two writers on overlapping batches wait for each other instead of
@@ -30,6 +34,7 @@ else is the database's state (the caller retries).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,11 +43,13 @@ from typing import Any
 from typing import cast as typed
 
 import orjson
-from sqlalchemy import Row, Table, Text, bindparam, cast, func, literal_column, select, text, tuple_, update
+import psycopg
+from sqlalchemy import Table, Text, bindparam, cast, func, literal_column, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.elements import KeyedColumnElement
+from sqlalchemy.sql.elements import ClauseElement, ColumnElement, KeyedColumnElement
 from sqlalchemy.sql.selectable import TableValuedAlias
 
 from incident_writer.incidents import Change, IncidentState, Outcome, Touch, apply, incident_action
@@ -81,6 +88,38 @@ def _json(rows: Sequence[dict[str, object]]) -> dict[str, str]:
 
 def _select_all(source: TableValuedAlias, names: Sequence[str]) -> list[KeyedColumnElement[Any]]:
     return [source.c[name] for name in names]
+
+
+_DIALECT = PGDialect_psycopg()  # type: ignore[no-untyped-call]
+
+
+def _sql(statement: ClauseElement) -> str:
+    """``statement`` compiled once, at import, to the driver's SQL (``%(rows)s`` parameters): a batch
+    then costs no SQLAlchemy statement building, cache-key or result processing, only the driver."""
+    sql = str(statement.compile(dialect=_DIALECT))
+    assert "POSTCOMPILE" not in sql and set(re.findall(r"%\((\w+)\)s", sql)) <= {"rows"}, sql
+    return sql
+
+
+def _literal(value: str) -> ColumnElement[str]:
+    """A constant written into the statement's text (its only parameter is ``rows``)."""
+    return literal_column(f"'{value}'", Text)
+
+
+Driver = psycopg.AsyncConnection[tuple[Any, ...]]
+
+
+async def _driver(session: AsyncSession) -> Driver:
+    """The psycopg connection of ``session``'s transaction (statements on it are in that transaction)."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    return typed(Driver, raw.driver_connection)
+
+
+async def _fetch(conn: Driver, sql: str, rows: Sequence[dict[str, object]]) -> list[tuple[Any, ...]]:
+    async with conn.cursor() as cursor:
+        await cursor.execute(sql, _json(rows))
+        return await cursor.fetchall()
 
 
 class ConcurrentIncident(Exception):
@@ -138,7 +177,7 @@ def poison_reason(exc: Exception) -> str | None:
     again on every retry; everything else (connection lost, server shutting down, deadlock, a
     missing table after a bad deploy) may pass, and is retried rather than dead-lettered.
     """
-    if isinstance(exc, IntegrityError | DataError | Unwritable):
+    if isinstance(exc, IntegrityError | DataError | psycopg.IntegrityError | psycopg.DataError | Unwritable):
         return describe_error(exc)
     return None
 
@@ -168,9 +207,10 @@ async def write_batch(session: AsyncSession, batch: Sequence[OutputEvent]) -> Ba
     if result.refused:
         refused = {id(e) for e, _ in result.refused}
         events = [e for e in events if id(e) not in refused]
-    keys = sorted({(e.service_id, e.incident_key) for e in events if isinstance(e, RoutedEvent) and e.incident_key})
-    existing = await _lock_incidents(session, keys) if keys else {}
-    new = await _insert_audit(session, events, org_ids, existing)
+    conn = await _driver(session)
+    routed = [e for e in events if isinstance(e, RoutedEvent) and e.incident_key]
+    existing, applied = await _lock_incidents(conn, routed) if routed else ({}, {})
+    new = await _insert_audit(conn, events, org_ids, existing)
     result.written = len(new)
     result.applied = {(e.delivery_id, e.project_slug) for _, e in new}
     result.duplicates += len(events) - len(new)
@@ -179,14 +219,30 @@ async def write_batch(session: AsyncSession, batch: Sequence[OutputEvent]) -> Ba
         if isinstance(event, RoutedEvent) and event.incident_key:
             key = (event.service_id, event.incident_key)
             groups.setdefault(key, []).append(_New(audit_id, event, _touch(event)))
-    if groups:
-        await _apply_incidents(session, groups, existing, org_ids, result)
-    await _learn_projects(session, [event for _, event in new], org_ids)
+    writes = await _apply_incidents(conn, groups, existing, applied, org_ids, result) if groups else []
+    writes += _learned([event for _, event in new], org_ids)
+    await _write_all(conn, writes)
     return result
 
 
-_LEARN_MAPPINGS = text(
-    """
+# A statement of the batch's last round trip and its rows (see :func:`_write_all`).
+_Write = tuple[str, list[dict[str, object]]]
+
+
+async def _write_all(conn: Driver, writes: Sequence[_Write]) -> None:
+    """The batch's remaining statements (incident updates, timeline, links, what deliveries teach),
+    in order, in one round trip (psycopg's pipeline mode); the first error raises."""
+    if not writes:
+        return
+    params = [(sql, _json(rows)) for sql, rows in writes]  # Unwritable before anything is sent
+    async with conn.pipeline():
+        for sql, values in params:
+            await conn.execute(sql, values)
+
+
+_LEARN_MAPPINGS = _sql(
+    text(
+        """
     UPDATE sentry_project_mappings AS m
     SET sentry_project_id = coalesce(m.sentry_project_id, v.project_id),
         renamed_to = CASE WHEN v.renamed THEN v.slug ELSE m.renamed_to END
@@ -195,9 +251,11 @@ _LEARN_MAPPINGS = text(
       AND ((NOT v.renamed AND m.sentry_project_id IS NULL AND v.project_id IS NOT NULL)
            OR (v.renamed AND m.renamed_to IS DISTINCT FROM v.slug))
     """
+    )
 )
-_LEARN_ISSUES = text(
-    """
+_LEARN_ISSUES = _sql(
+    text(
+        """
     INSERT INTO sentry_issue_projects AS i (org_id, sentry_issue_id, sentry_project_id, project_slug)
     SELECT v.org_id, v.issue_id, v.project_id, v.slug
     FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(org_id bigint, issue_id text, project_id text, slug text)
@@ -209,10 +267,11 @@ _LEARN_ISSUES = text(
     WHERE i.project_slug IS DISTINCT FROM excluded.project_slug
        OR (excluded.sentry_project_id IS NOT NULL AND i.sentry_project_id IS DISTINCT FROM excluded.sentry_project_id)
     """
+    )
 )
 
 
-async def _learn_projects(session: AsyncSession, events: Sequence[OutputEvent], org_ids: dict[str, int]) -> None:
+def _learned(events: Sequence[OutputEvent], org_ids: dict[str, int]) -> list[_Write]:
     """What new deliveries teach about Sentry projects (at most two statements, rows in key order):
 
     - a mapping's project id, from a delivery that reached it under its own slug with an id;
@@ -232,10 +291,12 @@ async def _learn_projects(session: AsyncSession, events: Sequence[OutputEvent], 
         if org_id is not None and e.sentry_issue_id and e.project_slug:
             issues[(org_id, e.sentry_issue_id)] = {"org_id": org_id, "issue_id": e.sentry_issue_id,
                                                    "project_id": e.project_id, "slug": e.project_slug}  # fmt: skip
+    writes: list[_Write] = []
     if mappings:
-        await session.execute(_LEARN_MAPPINGS, _json([mappings[k] for k in sorted(mappings)]))
+        writes.append((_LEARN_MAPPINGS, [mappings[k] for k in sorted(mappings)]))
     if issues:
-        await session.execute(_LEARN_ISSUES, _json([issues[k] for k in sorted(issues)]))
+        writes.append((_LEARN_ISSUES, [issues[k] for k in sorted(issues)]))
+    return writes
 
 
 def _first_per_key(events: Sequence[OutputEvent]) -> list[OutputEvent]:
@@ -316,56 +377,65 @@ async def _org_ids(session: AsyncSession, slugs: set[str]) -> dict[str, int]:
     return {slug: _ORG_IDS[slug] for slug in slugs if slug in _ORG_IDS}
 
 
-async def _lock_incidents(session: AsyncSession, keys: Sequence[IncidentKey]) -> dict[IncidentKey, _Locked]:
-    """Lock the existing incidents of ``keys`` (sorted: one lock order for all writers); their state."""
-    wanted = _rows(INCIDENTS, ("service_id", "incident_key"))
-    locked = await session.execute(
-        select(INCIDENTS.c.id, INCIDENTS.c.service_id, INCIDENTS.c.incident_key, *_STATE_COLUMNS)
-        .where(
-            tuple_(INCIDENTS.c.service_id, INCIDENTS.c.incident_key).in_(
-                select(wanted.c.service_id, wanted.c.incident_key)
-            )
+_STATE_COLUMNS = (
+    INCIDENTS.c.status,
+    INCIDENTS.c.event_count,
+    INCIDENTS.c.title,
+    INCIDENTS.c.level,
+    INCIDENTS.c.first_seen_at,
+    INCIDENTS.c.last_seen_at,
+    INCIDENTS.c.resolved_at,
+    INCIDENTS.c.culprit,
+    INCIDENTS.c.web_url,
+    INCIDENTS.c.sentry_issue_id,
+    INCIDENTS.c.sentry_project_slug,
+)
+_STATE_NAMES = tuple(c.name for c in _STATE_COLUMNS)
+assert _STATE_NAMES == tuple(IncidentState.__dataclass_fields__), "IncidentState(*row) reads the columns in order"
+
+_WANTED = _rows(INCIDENTS, ("service_id", "incident_key"))
+_LOCK = _sql(
+    select(INCIDENTS.c.id, INCIDENTS.c.service_id, INCIDENTS.c.incident_key, *_STATE_COLUMNS)
+    .where(
+        tuple_(INCIDENTS.c.service_id, INCIDENTS.c.incident_key).in_(
+            select(_WANTED.c.service_id, _WANTED.c.incident_key)
         )
-        .order_by(INCIDENTS.c.service_id, INCIDENTS.c.incident_key)
-        .with_for_update(key_share=True),
-        _json([{"service_id": service_id, "incident_key": key} for service_id, key in keys]),
     )
-    return {(r.service_id, r.incident_key): _Locked(int(r.id), _state(r)) for r in locked}
-
-
-async def _insert_audit(
-    session: AsyncSession,
-    events: Sequence[OutputEvent],
-    org_ids: dict[str, int],
-    existing: dict[IncidentKey, _Locked],
-) -> list[tuple[int, OutputEvent]]:
-    """Insert the audit records (sorted by key: one lock order for all writers); the new ones in stream order.
-
-    A routed event whose incident exists is linked to it now (every event reaches an existing
-    incident); links to incidents this batch opens are set by :func:`_apply_incidents`.
+    .order_by(INCIDENTS.c.service_id, INCIDENTS.c.incident_key)
+    .with_for_update(key_share=True)
+)
+# Which of the batch's deliveries are already on the timelines of their (existing, locked) incidents.
+_ON_TIMELINE = _sql(
+    text(
+        """
+    SELECT e.incident_id, e.delivery_id
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(service_id bigint, incident_key text, delivery_id text)
+    JOIN incidents AS i ON i.service_id = v.service_id AND i.incident_key = v.incident_key
+    JOIN incident_events AS e ON e.incident_id = i.id AND e.delivery_id = v.delivery_id
     """
-    rows = sorted((_audit_row(e, org_ids.get(e.org), existing) for e in events), key=_audit_sort_key)
-    source = _rows(AUDIT, _AUDIT_COLUMNS)
-    insert_rows = insert(AUDIT).from_select(_AUDIT_COLUMNS, select(*_select_all(source, _AUDIT_COLUMNS)))
-    # An ignored delivery that routes now (a mapping added or enabled since, found by a replay or a
-    # redelivery), or a failed one replayed after the fix, is upgraded in place, keeping what it
-    # was; any other existing record stays as is.
-    upgrade: dict[str, Any] = {name: insert_rows.excluded[name] for name in _UPGRADED_COLUMNS}
-    upgrade |= {"previous_outcome": AUDIT.c.outcome, "previous_reason": AUDIT.c.reason, "processed_at": func.now()}
-    stmt = insert_rows.on_conflict_do_update(
-        index_elements=["delivery_id", "project_slug"],
-        set_=upgrade,
-        where=AUDIT.c.outcome.in_(("ignored", "failed")) & (insert_rows.excluded.outcome == "routed"),
-    ).returning(AUDIT.c.id, AUDIT.c.delivery_id, AUDIT.c.project_slug)
-    result = await session.execute(stmt, _json(rows))
-    inserted = {(r.delivery_id, r.project_slug): int(r.id) for r in result}
-    return [
-        (inserted[(e.delivery_id, e.project_slug)], e) for e in events if (e.delivery_id, e.project_slug) in inserted
-    ]
+    )
+)
 
 
-def _audit_sort_key(row: dict[str, object]) -> tuple[str, str]:
-    return (str(row["delivery_id"]), str(row["project_slug"] or ""))
+async def _lock_incidents(
+    conn: Driver, events: Sequence[RoutedEvent]
+) -> tuple[dict[IncidentKey, _Locked], dict[int, frozenset[str]]]:
+    """Lock the existing incidents of ``events`` (sorted: one lock order for all writers): their state,
+    and the deliveries of ``events`` already on their timelines (the other project of a multi-project
+    metric alert, written in an earlier batch: a delivery counts once per incident). One round trip."""
+    keys = sorted({(e.service_id, e.incident_key or "") for e in events})
+    deliveries = sorted({(e.service_id, e.incident_key or "", e.delivery_id) for e in events})
+    lock_rows = [{"service_id": service_id, "incident_key": key} for service_id, key in keys]
+    pair_rows = [{"service_id": s, "incident_key": k, "delivery_id": d} for s, k, d in deliveries]
+    lock_params, pair_params = _json(lock_rows), _json(pair_rows)
+    async with conn.pipeline():
+        locked = await conn.execute(_LOCK, lock_params)
+        on_timeline = await conn.execute(_ON_TIMELINE, pair_params)
+    existing = {(r[1], r[2]): _Locked(int(r[0]), IncidentState(*r[3:])) for r in await locked.fetchall()}
+    found: dict[int, set[str]] = {}
+    for incident_id, delivery_id in await on_timeline.fetchall():
+        found.setdefault(incident_id, set()).add(delivery_id)
+    return existing, {incident_id: frozenset(d) for incident_id, d in found.items()}
 
 
 # Audit columns copied from the event under the same name, then the whole column list.
@@ -387,6 +457,50 @@ _AUDIT_FROM_EVENT = (
 _UPGRADED_COLUMNS = ("outcome", "reason", "service_id", "mapping_id", "incident_id", "renamed_from", "replay_id")
 _AUDIT_COLUMNS = (*_AUDIT_FROM_EVENT, "org_id", "org_slug", "reason", "raw_topic", "raw_partition", "raw_offset",
                   "incident_id", "flags")  # fmt: skip
+
+
+def _insert_audit_statement() -> str:
+    source = _rows(AUDIT, _AUDIT_COLUMNS)
+    insert_rows = insert(AUDIT).from_select(_AUDIT_COLUMNS, select(*_select_all(source, _AUDIT_COLUMNS)))
+    # An ignored delivery that routes now (a mapping added or enabled since, found by a replay or a
+    # redelivery), or a failed one replayed after the fix, is upgraded in place, keeping what it
+    # was; any other existing record stays as is.
+    upgrade: dict[str, Any] = {name: insert_rows.excluded[name] for name in _UPGRADED_COLUMNS}
+    upgrade |= {"previous_outcome": AUDIT.c.outcome, "previous_reason": AUDIT.c.reason, "processed_at": func.now()}
+    return _sql(
+        insert_rows.on_conflict_do_update(
+            index_elements=["delivery_id", "project_slug"],
+            set_=upgrade,
+            where=AUDIT.c.outcome.in_([_literal("ignored"), _literal("failed")])
+            & (insert_rows.excluded.outcome == _literal("routed")),
+        ).returning(AUDIT.c.id, AUDIT.c.delivery_id, AUDIT.c.project_slug)
+    )
+
+
+_INSERT_AUDIT = _insert_audit_statement()
+
+
+async def _insert_audit(
+    conn: Driver,
+    events: Sequence[OutputEvent],
+    org_ids: dict[str, int],
+    existing: dict[IncidentKey, _Locked],
+) -> list[tuple[int, OutputEvent]]:
+    """Insert the audit records (sorted by key: one lock order for all writers); the new ones in stream order.
+
+    A routed event whose incident exists is linked to it now (every event reaches an existing
+    incident); links to incidents this batch opens are set by :func:`_apply_incidents`.
+    """
+    rows = sorted((_audit_row(e, org_ids.get(e.org), existing) for e in events), key=_audit_sort_key)
+    returned = await _fetch(conn, _INSERT_AUDIT, rows)
+    inserted = {(delivery_id, project): int(id_) for id_, delivery_id, project in returned}
+    return [
+        (inserted[(e.delivery_id, e.project_slug)], e) for e in events if (e.delivery_id, e.project_slug) in inserted
+    ]
+
+
+def _audit_sort_key(row: dict[str, object]) -> tuple[str, str]:
+    return (str(row["delivery_id"]), str(row["project_slug"] or ""))
 
 
 def _event_row(event: OutputEvent, names: tuple[str, ...], **columns: object) -> dict[str, object]:
@@ -413,37 +527,17 @@ def _audit_row(event: OutputEvent, org_id: int | None, existing: dict[IncidentKe
     )
 
 
-_STATE_COLUMNS = (
-    INCIDENTS.c.status,
-    INCIDENTS.c.event_count,
-    INCIDENTS.c.title,
-    INCIDENTS.c.level,
-    INCIDENTS.c.first_seen_at,
-    INCIDENTS.c.last_seen_at,
-    INCIDENTS.c.resolved_at,
-    INCIDENTS.c.culprit,
-    INCIDENTS.c.web_url,
-    INCIDENTS.c.sentry_issue_id,
-    INCIDENTS.c.sentry_project_slug,
-)
-
-
-_STATE_NAMES = tuple(c.name for c in _STATE_COLUMNS)
-
-
-def _state(row: Row[*tuple[Any, ...]]) -> IncidentState:
-    return IncidentState(**{c.name: getattr(row, c.name) for c in _STATE_COLUMNS})
-
-
 async def _apply_incidents(
-    session: AsyncSession,
+    conn: Driver,
     groups: dict[IncidentKey, list[_New]],
     existing: dict[IncidentKey, _Locked],
+    applied: dict[int, frozenset[str]],
     org_ids: dict[str, int],
     result: BatchResult,
-) -> None:
+) -> list[_Write]:
+    """Fold each incident's new events; open the incidents that open now. Returns the statements
+    that write the rest (state updates, timeline, links), for the batch's last round trip."""
     keys = sorted(groups)
-    applied = await _applied(session, existing, groups)
     outcomes: dict[IncidentKey, Outcome] = {}
     for key in keys:
         locked = existing.get(key)
@@ -454,8 +548,11 @@ async def _apply_incidents(
             outcomes[key] = apply(locked.state, touches, applied.get(locked.id, frozenset()))
 
     ids = {key: locked.id for key, locked in existing.items()}
-    ids.update(await _open(session, groups, outcomes, existing, org_ids))
-    await _update(session, ids, outcomes, existing)
+    ids.update(await _open(conn, groups, outcomes, existing, org_ids))
+    writes: list[_Write] = []
+    updates = _updates(ids, outcomes, existing)
+    if updates:
+        writes.append((_UPDATE, updates))
 
     timeline: list[dict[str, object]] = []
     links: list[dict[str, object]] = []
@@ -473,47 +570,25 @@ async def _apply_incidents(
             if change is not Change.ATTACHED:
                 result.changes[change.value] += 1
     if timeline:
-        source = _rows(TIMELINE, _TIMELINE_COLUMNS)
-        await session.execute(
-            insert(TIMELINE)
-            .from_select(_TIMELINE_COLUMNS, select(*_select_all(source, _TIMELINE_COLUMNS)))
-            .on_conflict_do_nothing(index_elements=["incident_id", "delivery_id"]),
-            _json(timeline),
-        )
+        writes.append((_TIMELINE, timeline))
         result.timeline += len(timeline)
     if links:  # events of the incidents opened now (their audit records were written before)
-        source = _rows(AUDIT, ("id", "incident_id"))
-        await session.execute(
-            update(AUDIT).where(AUDIT.c.id == source.c.id).values(incident_id=source.c.incident_id),
-            _json(links),
-        )
+        writes.append((_LINKS, links))
+    return writes
 
 
-async def _applied(
-    session: AsyncSession, existing: dict[IncidentKey, _Locked], groups: dict[IncidentKey, list[_New]]
-) -> dict[int, frozenset[str]]:
-    """Deliveries of this batch already on the timelines of the locked incidents."""
-    wanted = {(existing[key].id, n.event.delivery_id) for key in groups if key in existing for n in groups[key]}
-    if not wanted:
-        return {}
-    pairs = sorted(wanted)
-    source = _rows(TIMELINE, ("incident_id", "delivery_id"))
-    rows = await session.execute(
-        select(TIMELINE.c.incident_id, TIMELINE.c.delivery_id).where(
-            tuple_(TIMELINE.c.incident_id, TIMELINE.c.delivery_id).in_(
-                select(source.c.incident_id, source.c.delivery_id)
-            )
-        ),
-        _json([{"incident_id": incident_id, "delivery_id": delivery} for incident_id, delivery in pairs]),
-    )
-    found: dict[int, set[str]] = {}
-    for incident_id, delivery_id in rows:
-        found.setdefault(incident_id, set()).add(delivery_id)
-    return {incident_id: frozenset(d) for incident_id, d in found.items()}
+_OPEN_NAMES = ("org_id", "service_id", "incident_key", *_STATE_NAMES)
+_OPEN_SOURCE = _rows(INCIDENTS, _OPEN_NAMES)
+_OPEN = _sql(
+    insert(INCIDENTS)
+    .from_select(_OPEN_NAMES, select(*_select_all(_OPEN_SOURCE, _OPEN_NAMES)))
+    .on_conflict_do_nothing(index_elements=["service_id", "incident_key"])
+    .returning(INCIDENTS.c.id, INCIDENTS.c.service_id, INCIDENTS.c.incident_key)
+)
 
 
 async def _open(
-    session: AsyncSession,
+    conn: Driver,
     groups: dict[IncidentKey, list[_New]],
     outcomes: dict[IncidentKey, Outcome],
     existing: dict[IncidentKey, _Locked],
@@ -536,45 +611,34 @@ async def _open(
         )
     if not rows:
         return {}
-    names = ("org_id", "service_id", "incident_key", *_STATE_NAMES)
-    source = _rows(INCIDENTS, names)
-    stmt = (
-        insert(INCIDENTS)
-        .from_select(names, select(*_select_all(source, names)))
-        .on_conflict_do_nothing(index_elements=["service_id", "incident_key"])
-        .returning(INCIDENTS.c.id, INCIDENTS.c.service_id, INCIDENTS.c.incident_key)
-    )
-    result = await session.execute(stmt, _json(rows))
-    opened = {(r.service_id, r.incident_key): int(r.id) for r in result}
+    opened = {(service_id, key): int(id_) for id_, service_id, key in await _fetch(conn, _OPEN, rows)}
     if len(opened) != len(rows):
         raise ConcurrentIncident(f"{len(rows) - len(opened)} incident(s) opened by another writer meanwhile")
     return opened
 
 
-async def _update(
-    session: AsyncSession,
-    ids: dict[IncidentKey, int],
-    outcomes: dict[IncidentKey, Outcome],
-    existing: dict[IncidentKey, _Locked],
-) -> None:
-    rows = [
+_UPDATE_NAMES = ("id", *_STATE_NAMES)
+_UPDATE_SOURCE = _rows(INCIDENTS, _UPDATE_NAMES)
+_UPDATE = _sql(
+    update(INCIDENTS)
+    .where(INCIDENTS.c.id == _UPDATE_SOURCE.c.id)
+    .values({**{name: _UPDATE_SOURCE.c[name] for name in _STATE_NAMES}, "updated_at": func.now()})
+)
+
+
+def _updates(
+    ids: dict[IncidentKey, int], outcomes: dict[IncidentKey, Outcome], existing: dict[IncidentKey, _Locked]
+) -> list[dict[str, object]]:
+    """The new state of the existing incidents the batch changed (sorted)."""
+    return [
         {"id": ids[key], **_state_values(outcome.after)}
         for key, outcome in sorted(outcomes.items())
         if key in existing and outcome.after is not None and outcome.after != outcome.before
     ]
-    if rows:
-        names = ("id", *_STATE_NAMES)
-        source = _rows(INCIDENTS, names)
-        stmt = (
-            update(INCIDENTS)
-            .where(INCIDENTS.c.id == source.c.id)
-            .values({**{name: source.c[name] for name in _STATE_NAMES}, "updated_at": func.now()})
-        )
-        await session.execute(stmt, _json(rows))
 
 
 def _state_values(state: IncidentState) -> dict[str, object]:
-    return {c.name: getattr(state, c.name) for c in _STATE_COLUMNS}
+    return {name: getattr(state, name) for name in _STATE_NAMES}
 
 
 _TIMELINE_FROM_EVENT = (
@@ -589,6 +653,14 @@ _TIMELINE_FROM_EVENT = (
     "received_at",
 )
 _TIMELINE_COLUMNS = ("incident_id", "change", *_TIMELINE_FROM_EVENT)
+_TIMELINE_SOURCE = _rows(TIMELINE, _TIMELINE_COLUMNS)
+_TIMELINE = _sql(
+    insert(TIMELINE)
+    .from_select(_TIMELINE_COLUMNS, select(*_select_all(_TIMELINE_SOURCE, _TIMELINE_COLUMNS)))
+    .on_conflict_do_nothing(index_elements=["incident_id", "delivery_id"])
+)
+_LINKS_SOURCE = _rows(AUDIT, ("id", "incident_id"))
+_LINKS = _sql(update(AUDIT).where(AUDIT.c.id == _LINKS_SOURCE.c.id).values(incident_id=_LINKS_SOURCE.c.incident_id))
 
 
 def _timeline_row(incident_id: int, event: RoutedEvent, change: Change) -> dict[str, object]:
