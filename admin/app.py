@@ -17,11 +17,10 @@ from starlette.staticfiles import StaticFiles
 
 from admin.api import PREFIX, api_routes, error_response, internal_error_response, log
 from admin.openapi import build_openapi
-from shared.db.session import create_engine, sessionmaker
+from shared.db.session import DB_CONNECT_TIMEOUT, create_engine, sessionmaker
 from shared.settings import Settings, get_settings
 
 STATIC = Path(__file__).with_name("static")
-DB_CONNECT_TIMEOUT = 5  # seconds: an unreachable database answers 503 (admin.api) after this, not minutes
 
 
 def page(name: str) -> Callable[[Request], Awaitable[Response]]:

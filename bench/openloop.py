@@ -30,8 +30,13 @@ class _Pool:
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = field(default_factory=list)
 
     async def get(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self.idle:
-            return self.idle.pop()
+        """A kept-alive connection the server has not closed meanwhile (uvicorn closes one idle for
+        5 s; a request sent on it would fail before reaching the server), or a new one."""
+        while self.idle:
+            reader, writer = self.idle.pop()
+            if not reader.at_eof():
+                return reader, writer
+            writer.close()
         return await asyncio.open_connection(self.host, self.port)
 
     def close(self) -> None:

@@ -38,10 +38,9 @@ from shared import events
 from shared.db.models import AuditRecord, Incident, Organization
 from shared.security import sign
 from shared.settings import Settings
-from tests.ingest.test_outage import Broker
 from tests.support import ServiceProcess, wait_until
 from tests.support.metrics import scrape
-from tests.support.outage import ThreadedForwarder, open_loop, with_port
+from tests.support.outage import Broker, ThreadedForwarder, open_loop, with_port
 from tests.support.sentry import issue_body
 from tests.support.stack import Stack, running_stack
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -29,51 +28,13 @@ from tests.support import free_port, settings_env, signed_headers, wait_until
 from tests.support.ingest import new_org, start_ingest
 from tests.support.kafka import Record, TopicReader
 from tests.support.metrics import scrape
+from tests.support.outage import Broker
 from tests.support.sentry import issue_body
 
 pytestmark = pytest.mark.integration
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 ANSWER_BUDGET = 1.0  # Sentry's timeout
 OUTAGE_SECONDS = 12.0
-
-
-class Broker:
-    """A Kafka broker of our own, started by ``scripts/kafka.sh`` in ``run_dir``."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.bootstrap = ""
-        self.port = 0
-
-    def _script(self, action: str) -> str:
-        done = subprocess.run(
-            ["bash", str(SCRIPTS / "kafka.sh"), action],
-            env={**os.environ, "BLAMETRAIL_RUN_DIR": str(self.run_dir), "BLAMETRAIL_KAFKA_HEAP": "384m"},
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert done.returncode == 0, f"kafka.sh {action} failed:\n{done.stdout}\n{done.stderr}"
-        return done.stdout
-
-    def start(self) -> None:
-        values = dict(line.split("=", 1) for line in self._script("start").splitlines() if "=" in line)
-        self.bootstrap = values["BLAMETRAIL_KAFKA_BOOTSTRAP"]
-        self.port = int(values["KAFKA_PORT"])
-
-    def stop(self) -> None:
-        """Stop the broker the way an operator would (SIGTERM, wait for exit); its data stays."""
-        self._script("stop")
-
-    async def start_again(self) -> None:
-        """``kafka.sh start`` after ``stop``: the same ports and data (the script waits until it serves)."""
-        port = self.port
-        await asyncio.to_thread(self.start)
-        assert self.port == port, "kafka.sh start came back on another port"
-
-    def shutdown(self) -> None:
-        self._script("stop")
 
 
 @dataclass

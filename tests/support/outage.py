@@ -169,22 +169,45 @@ def with_port(url: str, port: int) -> str:
     return f"{head}@{host}:{port}/{rest.split('/', 1)[1]}"
 
 
-class _LivePool(openloop._Pool):
-    """``bench.openloop``'s pool, skipping kept-alive connections the server closed meanwhile (uvicorn
-    closes one idle for 5 s): sent on, their request fails before reaching the server, as no real
-    client's would (httpx, Sentry's own, check a connection before reusing it)."""
-
-    async def get(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        while self.idle:
-            reader, writer = self.idle.pop()
-            if not reader.at_eof():
-                return reader, writer
-            writer.close()
-        return await asyncio.open_connection(self.host, self.port)
-
-
 def open_loop(port: int, requests: list[bytes], rate: float, seconds: float) -> list[openloop.Answer]:
-    """``bench.openloop.run`` against ``127.0.0.1:port`` with :class:`_LivePool`; meant for a process of
-    its own (``ProcessPoolExecutor``), so the test's own work never delays a request."""
-    openloop._Pool = _LivePool  # type: ignore[misc]
+    """``bench.openloop.run`` against ``127.0.0.1:port``; meant for a process of its own
+    (``ProcessPoolExecutor``), so the test's own work never delays a request."""
     return openloop.run("127.0.0.1", port, requests, rate, seconds)
+
+
+class Broker:
+    """A Kafka broker of our own, started by ``scripts/kafka.sh`` in ``run_dir``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.bootstrap = ""
+        self.port = 0
+
+    def _script(self, action: str) -> str:
+        done = subprocess.run(
+            ["bash", str(SCRIPTS / "kafka.sh"), action],
+            env={**os.environ, "BLAMETRAIL_RUN_DIR": str(self.run_dir), "BLAMETRAIL_KAFKA_HEAP": "384m"},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, f"kafka.sh {action} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    def start(self) -> None:
+        values = dict(line.split("=", 1) for line in self._script("start").splitlines() if "=" in line)
+        self.bootstrap = values["BLAMETRAIL_KAFKA_BOOTSTRAP"]
+        self.port = int(values["KAFKA_PORT"])
+
+    def stop(self) -> None:
+        """Stop the broker the way an operator would (SIGTERM, wait for exit); its data stays."""
+        self._script("stop")
+
+    async def start_again(self) -> None:
+        """``kafka.sh start`` after ``stop``: the same ports and data (the script waits until it serves)."""
+        port = self.port
+        await asyncio.to_thread(self.start)
+        assert self.port == port, "kafka.sh start came back on another port"
+
+    def shutdown(self) -> None:
+        self._script("stop")
