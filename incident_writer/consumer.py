@@ -50,6 +50,7 @@ from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, 
 from shared.db.session import create_engine, sessionmaker
 from shared.events import H_DELIVERY_ID, H_ORG, H_REPLAY_ID, IgnoredEvent, OutputEvent, RoutedEvent
 from shared.kafka import header_map, make_consumer, make_producer
+from shared.logs import EventLog
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -138,6 +139,7 @@ class WriterStep(Step):
         # The batch's records that could not be applied (by their coordinates): the event and the
         # audit reason, for ``dead_lettered``.
         self._failed: dict[tuple[str, int, int], tuple[OutputEvent, str]] = {}
+        self.lines = EventLog(log)  # one "written"/"duplicate" line a delivery, written once a batch
 
     async def process(self, batch: Batch) -> list[DeadLetter]:
         items, invalid = decode(batch)
@@ -156,11 +158,11 @@ class WriterStep(Step):
         for item in items:
             e = item.event
             key = (e.delivery_id, e.project_slug)
-            log.info(
+            self.lines.add(
                 "written" if key in total.applied else "duplicate",
-                extra={"delivery_id": e.delivery_id, "org": e.org, "project": e.project_slug, "outcome": e.outcome,
-                       "replay_id": e.replay_id},
+                delivery_id=e.delivery_id, org=e.org, project=e.project_slug, outcome=e.outcome, replay_id=e.replay_id,
             )  # fmt: skip
+        self.lines.flush()
         dead = [DeadLetter(record, error, "writer.decode", _header(record, H_ORG)) for record, error in invalid]
         self._failed = {}
         by_event = {id(item.event): item for item in items}
@@ -266,6 +268,7 @@ class IncidentWriter:
             topics=(self.topics.routed, self.topics.ignored),
             dlq_max_ratio=settings.writer_dlq_max_ratio,
             dlq_window=settings.writer_dlq_window,
+            batch_max=settings.writer_batch_max,
             retry_initial_seconds=settings.writer_retry_initial_seconds,
             retry_max_seconds=settings.writer_retry_max_seconds,
         )

@@ -155,14 +155,16 @@ class ConsumerConfig:
         topics: tuple[str, ...],
         dlq_max_ratio: float,
         dlq_window: int,
+        batch_max: int | None = None,
         **retry: float,
     ) -> ConsumerConfig:
-        """A service's consumer: its group, topics and budget; the shared ``consumer_*`` settings."""
+        """A service's consumer: its group, topics and budget; the shared ``consumer_*`` settings
+        (``batch_max`` instead of ``consumer_batch_max`` when given)."""
         return cls(
             group=group,
             topics=topics,
             dlq_topic=Topics.from_settings(settings).dlq,
-            batch_max=settings.consumer_batch_max,
+            batch_max=batch_max or settings.consumer_batch_max,
             batch_timeout_ms=settings.consumer_batch_timeout_ms,
             revoke_wait_seconds=settings.consumer_revoke_wait_seconds,
             dlq_max_ratio=dlq_max_ratio,

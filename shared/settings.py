@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # Stop loudly when more than this share of the last writer_dlq_window records went to the DLQ.
     writer_dlq_max_ratio: float = Field(default=0.1, gt=0, le=1)
     writer_dlq_window: int = Field(default=1000, ge=10)
+    # The writer's batches may be larger than consumer_batch_max: its cost is per batch (a handful of
+    # round trips, one transaction), so under lag bigger batches drain faster; at low rates a poll
+    # returns what is there and batches stay small.
+    writer_batch_max: int = Field(default=2000, ge=1)
 
     # Consumers
     consumer_batch_max: int = Field(default=500, ge=1)
