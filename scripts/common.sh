@@ -59,6 +59,18 @@ wait_for() {
   done
 }
 
+# stop_pid PID SECONDS WHAT: SIGTERM, wait up to SECONDS for the exit, then SIGKILL. Fails (status 1)
+# only when it had to kill.
+stop_pid() {
+  local pid=$1 seconds=$2 what=$3
+  pid_alive "$pid" || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  wait_for "$seconds" "$what exit" bash -c "source '$REPO_DIR/scripts/common.sh'; ! pid_alive $pid" && return 0
+  log "$what did not stop in $seconds s: killing it"
+  kill -9 "$pid" 2>/dev/null || true
+  return 1
+}
+
 # pid_alive PID: the process exists and is not a zombie waiting to be reaped.
 pid_alive() {
   [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null || return 1

@@ -6,8 +6,7 @@ for service in ingest router writer admin; do
   pid_file="$RUN_DIR/$service.pid"
   pid=$(cat "$pid_file" 2>/dev/null || true)
   if pid_alive "$pid"; then
-    kill -TERM "$pid"
-    wait_for 30 "$service exit" bash -c "source '$REPO_DIR/scripts/common.sh'; ! pid_alive $pid" || kill -9 "$pid" 2>/dev/null || true
+    stop_pid "$pid" 30 "$service" || true
     log "stopped $service"
   fi
   rm -f "$pid_file"

@@ -98,8 +98,7 @@ start() {
   local pid; pid=$(broker_pid)
   if pid_alive "$pid"; then
     log "stopping a broker of an earlier run (pid $pid) whose settings were lost"
-    kill "$pid" 2>/dev/null || true
-    wait_for 30 "old broker exit" bash -c "source '$REPO_DIR/scripts/common.sh'; ! pid_alive $pid" || kill -9 "$pid" 2>/dev/null || true
+    stop_pid "$pid" 30 "the old broker" || true
   elif [[ -n "$pid" ]]; then
     log "removing the stale pid file of a crashed run (pid $pid)"
   fi
@@ -146,10 +145,7 @@ ENV
 stop() {
   local pid; pid=$(broker_pid)
   if pid_alive "$pid"; then
-    kill "$pid"
-    if ! wait_for 60 "kafka exit" bash -c "source '$REPO_DIR/scripts/common.sh'; ! pid_alive $pid"; then
-      log "broker did not stop in 60 s: killing it"; kill -9 "$pid" 2>/dev/null || true
-    fi
+    stop_pid "$pid" 60 "the broker" || true
     log "stopped"
   else
     log "not running"

@@ -106,9 +106,7 @@ ENV
 stop() {
   local pid; pid=$(server_pid)
   if [[ -n "$pid" ]]; then
-    kill -TERM "$pid"
-    wait_for 30 "prometheus exit" bash -c "source '$REPO_DIR/scripts/common.sh'; ! pid_alive $pid" \
-      || kill -9 "$pid" 2>/dev/null || true
+    stop_pid "$pid" 30 prometheus || true
     log "stopped"
   else
     log "not running"
