@@ -1,7 +1,7 @@
 """The ceiling of ingest's HTTP layer: a bare Starlette endpoint that reads the body and answers 200.
 
-Served like ingest (``bench.bare_app:serve``: uvicorn, one worker, uvloop, ingest's httptools
-protocol, no access log), on the same paths, so ``bench.saturation`` can point wrk at both.
+Served like ingest (``bench.bare_app:serve``: uvicorn, one worker, ingest's options —
+``cli.services.INGEST_UVICORN``), on the same paths, so ``bench.saturation`` can point wrk at both.
 
     python -m bench.bare_app --port 18080
 """
@@ -28,16 +28,16 @@ def create_app() -> Starlette:
 def serve(host: str, port: int) -> None:
     import uvicorn
 
+    from cli.services import INGEST_UVICORN
+
     uvicorn.run(
         "bench.bare_app:create_app",
         factory=True,
         host=host,
         port=port,
         workers=1,
-        loop="uvloop",
-        http="ingest.http_limits:IngestHttpProtocol",
-        access_log=False,
         log_level="warning",
+        **INGEST_UVICORN,
     )
 
 
