@@ -37,6 +37,7 @@ class Target:
     project: str = "payments-api"  # a mapped project of the org, so webhooks are routed and written
     pids: dict[str, int] = field(default_factory=dict)  # process name -> pid (its children counted too)
     writer_metrics: str | None = None  # the writer's /metrics URL: wait for the pipeline to drain
+    database_url: str | None = None  # libpq URL of the stack's database: end-to-end latency from audit records
 
     @property
     def webhook_path(self) -> str:

@@ -132,6 +132,34 @@ def _python(target: Target, file: Path, rate: int, seconds: float) -> list[openl
     return openloop.run(host, port, requests, rate, seconds)
 
 
+def end_to_end(database_url: str | None, start: float, end: float) -> dict[str, float] | None:
+    """Received → written of the run's webhooks: ``processed_at - received_at`` of the audit records
+    received during the run (``processed_at`` is the writer transaction's start), in ms."""
+    if not database_url:
+        return None
+    import psycopg
+
+    query = """
+        SELECT count(*),
+               percentile_cont(ARRAY[0.5, 0.99, 0.999]) WITHIN GROUP (ORDER BY d),
+               max(d)
+        FROM (SELECT extract(epoch FROM processed_at - received_at) * 1000 AS d
+              FROM audit_records WHERE received_at >= to_timestamp(%s) AND received_at < to_timestamp(%s)) AS t
+    """
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
+        row = conn.execute(query, (start, end)).fetchone()
+    if row is None or not row[0]:
+        return None
+    count, (p50, p99, p999), worst = row
+    return {
+        "records": count,
+        "p50": round(p50, 1),
+        "p99": round(p99, 1),
+        "p99_9": round(p999, 1),
+        "max": round(worst, 1),
+    }
+
+
 def run(
     target: Target,
     rate: int,
@@ -153,12 +181,13 @@ def run(
         written_before = writer_events(target.writer_metrics)
         histogram_before = server_histogram(loopback_only(target.url))
         meter = CpuMeter(target.pids)
-        started = time.monotonic()
+        started, wall_started = time.monotonic(), time.time()
         if vegeta:
             answers = _vegeta(vegeta, target, file, rate, seconds, Path(tmp))
         else:
             answers = _python(target, file, rate, seconds)
         attack_seconds = time.monotonic() - started
+        wall_ended = time.time()
     statuses = Counter(a.status for a in answers)
     acked = sum(n for status, n in statuses.items() if 200 <= status < 300)
     drained = wait_written(target.writer_metrics, written_before, acked, drain_within)
@@ -179,6 +208,7 @@ def run(
         "over_budget_by_status": dict(Counter(str(a.status) for a in answers if a.status == 0 or a.latency > BUDGET)),
         "inside_ingest": server_view(histogram_before, histogram_after),
         "pipeline_drained": drained,
+        "end_to_end_ms": end_to_end(target.database_url, wall_started, wall_ended) if drained else None,
         "window_seconds": round(meter.wall, 2),
         "cpu_seconds": {k: round(v, 3) for k, v in used.items()},
         "cpu_ms_per_webhook": per_webhook_ms(used, acked, SERVICES),

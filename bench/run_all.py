@@ -37,6 +37,7 @@ TARGETS = {
     "max_at_1000": "ack max <= 250 ms at 1,000/s",
     "none_over_1s_at_2000": "no answer over 1 s (or none) at 2,000/s",
     "cpu_per_webhook": "CPU <= 0.6 ms per webhook end to end (ingest + router + writer) at 1,000/s",
+    "end_to_end_p99_at_1000": "received -> written p99 <= 100 ms at 1,000/s",
 }
 
 
@@ -72,6 +73,8 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         put("max_at_1000", low["max_ms"], low["max_ms"] <= 250)
         cpu = low["cpu_ms_per_webhook"].get("services_total")
         put("cpu_per_webhook", cpu, None if cpu is None else cpu <= 0.6)
+        e2e = (low.get("end_to_end_ms") or {}).get("p99")
+        put("end_to_end_p99_at_1000", e2e, None if e2e is None else e2e <= 100)
     high = results.get("latency", {}).get("2000")
     if high:
         put("none_over_1s_at_2000", high["over_budget"], high["over_budget"] == 0)

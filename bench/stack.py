@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from bench.harness import REPO, Target, loopback_only
+from shared.db.session import as_libpq
 
 SERVICES = ("ingest", "router", "writer")
 
@@ -57,6 +58,7 @@ def stack_target(run_dir: Path) -> Target:
         secret=org["client_secret"],
         pids=pids,
         writer_metrics=f"http://127.0.0.1:{env['BLAMETRAIL_WRITER_METRICS_PORT']}/metrics",
+        database_url=as_libpq(read_env(run_dir / "postgres.env")["BLAMETRAIL_DATABASE_URL"]),
     )
 
 

@@ -32,6 +32,10 @@ def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:  # type: ignore[typ
 
 def libpq_url(settings: Settings) -> str:
     """The database URL as psycopg itself takes it (without SQLAlchemy's driver suffix)."""
-    url = settings.database_url
+    return as_libpq(settings.database_url)
+
+
+def as_libpq(url: str) -> str:
+    """A SQLAlchemy PostgreSQL URL (``postgresql+psycopg://…``) as libpq takes it."""
     scheme, sep, rest = url.partition("://")
     return f"postgresql://{rest}" if sep and scheme.startswith("postgresql") else url
