@@ -13,6 +13,9 @@ Runs against the local stack in ``--stack`` (default ``/tmp/bt-bench``): started
    ack percentiles, answers over 1 s, CPU ms per webhook of every process, peak RSS.
 3. ``bench.consumers`` (with ``--stack``; ``--events 0`` skips it): router events/s draining a
    pre-filled raw topic against a consume → produce passthrough, writer events/s against ``COPY``.
+4. ``bench.cache_scale`` (with ``--stack``; ``--cache-mappings 0`` skips it): in a scratch database,
+   ``--cache-mappings`` mappings in ``--cache-orgs`` orgs (default 100,000 in 10,000, about 30 s):
+   the mapping cache's load time and memory, a router's RSS once loaded, a mapping change → cache.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import consumers, latency, saturation
+from bench import cache_scale, consumers, latency, saturation
 from bench.harness import Target
-from bench.stack import add_target_arguments, stack_down, stack_target, stack_up, target_from_args
+from bench.stack import add_target_arguments, read_env, stack_down, stack_target, stack_up, target_from_args
 
 DEFAULT_STACK = Path("/tmp/bt-bench")
 TARGETS = {
@@ -38,6 +41,7 @@ TARGETS = {
     "none_over_1s_at_2000": "no answer over 1 s (or none) at 2,000/s",
     "cpu_per_webhook": "CPU <= 0.6 ms per webhook end to end (ingest + router + writer) at 1,000/s",
     "end_to_end_p99_at_1000": "received -> written p99 <= 100 ms at 1,000/s",
+    "router_rss_100k": "router RSS <= 250 MB with 100,000 mappings",
 }
 
 
@@ -78,6 +82,9 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     high = results.get("latency", {}).get("2000")
     if high:
         put("none_over_1s_at_2000", high["over_budget"], high["over_budget"] == 0)
+    cache = results.get("cache_scale", {}).get("target")
+    if cache:
+        put("router_rss_100k", cache["rss_mb"], cache["met"])
     return out
 
 
@@ -91,6 +98,8 @@ def run(
     saturation_bodies: int = 30_000,
     stack: Path | None = None,
     events: int = 0,
+    cache_orgs: int = 0,
+    cache_mappings: int = 0,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "seconds": seconds, "command": " ".join(sys.argv)}
     pause = {k: v for k, v in target.pids.items() if k in ("router", "writer")}
@@ -118,6 +127,11 @@ def run(
         )
     if stack is not None and events > 0:
         results["consumers"] = consumers.run(stack, events)
+    if stack is not None and cache_mappings > 0:
+        env = {**read_env(stack / "postgres.env"), **read_env(stack / "kafka.env")}
+        results["cache_scale"] = cache_scale.run(
+            env["BLAMETRAIL_DATABASE_URL"], env["BLAMETRAIL_KAFKA_BOOTSTRAP"], max(cache_orgs, 1), cache_mappings
+        )
     results["targets"] = verdicts(results)
     results["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return results
@@ -130,6 +144,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64, help="wrk connections for saturation")
     parser.add_argument("--engine", choices=("auto", "vegeta", "python"), default="auto")
     parser.add_argument("--events", type=int, default=20_000, help="records for the router/writer drain runs")
+    parser.add_argument("--cache-orgs", type=int, default=10_000, help="orgs for the mapping cache run")
+    parser.add_argument("--cache-mappings", type=int, default=100_000, help="mappings for the mapping cache run")
     parser.add_argument("--keep-up", action="store_true", help="leave a stack this run started running")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
@@ -147,7 +163,8 @@ def main() -> None:
     try:
         target = target_from_args(args)
         options = {"connections": args.connections, "engine": args.engine, "stack": args.stack, "events": args.events}
-        results = run(target, args.seconds, rates, **options)
+        cache = {"cache_orgs": args.cache_orgs, "cache_mappings": args.cache_mappings}
+        results = run(target, args.seconds, rates, **options, **cache)
     finally:
         if started_stack is not None and not args.keep_up:
             stack_down(started_stack)

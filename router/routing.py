@@ -9,7 +9,7 @@ from shared.events import Reason
 from shared.sentry import ParsedWebhook, ProjectRef
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the router holds one per mapping (100,000s)
 class MappingEntry:
     id: int
     service_id: int
@@ -19,22 +19,24 @@ class MappingEntry:
     renamed_to: str | None = None  # the slug Sentry now uses for the project, when it was renamed
 
 
-@dataclass
+@dataclass(slots=True)
 class OrgMappings:
     """One org's mappings, found by Sentry project id or by slug (O(1) either way).
 
     ``by_slug`` holds each mapping's own slug and, for a project renamed in Sentry, its new slug
     (unless another mapping owns that slug), so slug-only deliveries of a renamed project
-    (metric alerts, comments) still find their mapping.
+    (metric alerts, comments) still find their mapping. ``size`` is how many mappings there are.
     """
 
     by_slug: dict[str, MappingEntry] = field(default_factory=dict)
     by_id: dict[str, MappingEntry] = field(default_factory=dict)
+    size: int = 0
 
     @classmethod
     def of(cls, entries: Iterable[MappingEntry]) -> OrgMappings:
         org = cls()
         entries = sorted(entries, key=lambda m: m.id)
+        org.size = len(entries)
         for m in entries:
             org.by_slug[m.slug] = m
             if m.project_id is not None:
