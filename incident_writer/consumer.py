@@ -51,6 +51,7 @@ from shared.db.session import create_engine, sessionmaker
 from shared.events import H_DELIVERY_ID, H_ORG, H_REPLAY_ID, IgnoredEvent, OutputEvent, RoutedEvent
 from shared.kafka import header_map, make_consumer, make_producer
 from shared.logs import EventLog
+from shared.producer import RenewableProducer
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -225,7 +226,9 @@ class WriterStep(Step):
 
     def retrying(self, failure: Retry, delay: float) -> None:
         metrics.WRITER_RETRIES.labels(reason=failure.reason).inc()
-        if failure.reason == "conflict":
+        if failure.reason == "kafka":  # dead letters Kafka did not take (yet)
+            log.warning("%s; retrying in %.1fs", failure.message, delay)
+        elif failure.reason == "conflict":
             log.info("batch conflicted with another writer (%s); retrying in %.1fs", failure.message, delay)
         elif self._unavailable_since is None:
             self._unavailable_since = time.monotonic()
@@ -261,7 +264,9 @@ class IncidentWriter:
     def __init__(self, settings: Settings) -> None:
         self.topics = Topics.from_settings(settings)
         self._engine = create_engine(settings, pool_size=2)
-        producer = make_producer(settings, client_id="blametrail-writer")
+        producers = RenewableProducer(
+            lambda: make_producer(settings, client_id="blametrail-writer"), settings.writer_group
+        )
         config = ConsumerConfig.of(
             settings,
             group=settings.writer_group,
@@ -274,7 +279,7 @@ class IncidentWriter:
         )
         consumer = make_consumer(settings, group_id=config.group, client_id="blametrail-writer")
         step = WriterStep(settings, sessionmaker(self._engine))
-        self.runtime = ConsumerRuntime(config, step, consumer, producer)
+        self.runtime = ConsumerRuntime(config, step, consumer, producers)
 
     @property
     def consumer(self) -> AIOKafkaConsumer:

@@ -48,7 +48,6 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ingest.async_spool import AsyncSpool
 from ingest.http_limits import HeadLimits, head_refusal
-from ingest.kafka import Producer
 from ingest.publish import Outcome, Publisher, Unavailable
 from ingest.record import RawRecord
 from ingest.secrets import LegacyTokenCache, OrgCache, SecretCache, invalidator
@@ -60,6 +59,7 @@ from shared.db.session import create_engine, libpq_url, sessionmaker
 from shared.errors import error_body
 from shared.kafka import make_producer
 from shared.logs import EventLog, setup_logging
+from shared.producer import Producer
 from shared.security import hash_token, signature_matches
 from shared.sentry import KNOWN_RESOURCES, LEGACY, is_valid_slug, raw_record_key
 from shared.settings import Settings, get_settings

@@ -31,12 +31,12 @@ from aiokafka.errors import (
 )
 
 from ingest.async_spool import AsyncSpool
-from ingest.kafka import Producer, RecordBatch, retrieve
 from ingest.producer import ProducerSupervisor, sleep_unless
 from ingest.spool import SpoolRow
 from ingest.spool_files import SpoolError
 from shared import metrics
 from shared.kafka import partition_for
+from shared.producer import Producer, RecordBatch, retrieve
 
 log = logging.getLogger("blametrail.ingest.drain")
 

@@ -4,7 +4,7 @@
 without Kafka; a failed start is retried every 0.2-2 s) and recreates it — counted in
 ``blametrail_ingest_producer_restarts_total`` — when
 
-- a send fails with a fatal idempotence error (``FATAL_ERRORS``; aiokafka issue 1017:
+- a send fails with a fatal idempotence error (``shared.producer.FATAL_ERRORS``; aiokafka issue 1017:
   ``OutOfOrderSequenceNumber`` forever after a broker restart) or its sender task died
   (``check_error``, called by whoever sent);
 - there is outstanding work (``busy``) but no acknowledgement (``progress``) for ``STUCK_AFTER`` seconds
@@ -24,32 +24,14 @@ import logging
 import time
 from collections.abc import Callable
 
-from aiokafka.errors import (
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    OutOfOrderSequenceNumber,
-    ProducerClosed,
-    ProducerFenced,
-    UnknownProducerId,
-)
-
-from ingest.kafka import Producer, ProducerFactory, bootstrap_addresses, dispose, sender_alive
+from ingest.kafka import ProducerFactory, bootstrap_addresses
 from shared import metrics
+from shared.producer import Producer, dispose, is_broken, sender_alive
 
 log = logging.getLogger("blametrail.ingest.producer")
 
 STUCK_AFTER = 10.0
 START_TIMEOUT = 10.0
-
-# The producer itself is broken: recreate it.
-FATAL_ERRORS: tuple[type[BaseException], ...] = (
-    OutOfOrderSequenceNumber,
-    ProducerFenced,
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    UnknownProducerId,
-    ProducerClosed,
-)
 
 
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
@@ -102,7 +84,7 @@ class ProducerSupervisor:
 
     def check_error(self, producer: Producer, exc: BaseException) -> None:
         """A send through ``producer`` failed with ``exc``: replace the producer if that means it is broken."""
-        if isinstance(exc, FATAL_ERRORS) or not sender_alive(producer):
+        if is_broken(producer, exc):
             self.request_restart(producer, f"{type(exc).__name__}: {exc}")
 
     def request_restart(self, producer: Producer | None, reason: str) -> None:

@@ -29,11 +29,12 @@ from enum import StrEnum
 
 from ingest.async_spool import AsyncSpool
 from ingest.drain import Drainer
-from ingest.kafka import ProducerFactory, retrieve
+from ingest.kafka import ProducerFactory
 from ingest.producer import ProducerSupervisor
 from ingest.record import RawRecord
 from ingest.spool_files import SpoolError
 from shared import metrics
+from shared.producer import retrieve
 
 log = logging.getLogger("blametrail.ingest.publish")
 

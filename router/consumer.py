@@ -14,9 +14,8 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
-from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
 
@@ -28,6 +27,7 @@ from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, 
 from shared.db.session import create_engine, libpq_url, sessionmaker
 from shared.kafka import Headers, header_map, make_consumer, make_producer, partition_for
 from shared.logs import EventLog
+from shared.producer import Producer, RecordBatch, RenewableProducer, retrieve, sender_alive
 from shared.sentry import ParsedWebhook, parse_webhook
 from shared.settings import Settings
 from shared.topics import Topics
@@ -209,7 +209,7 @@ def route_delivery(
     return outputs
 
 
-async def produce(producer: AIOKafkaProducer, outputs: list[Output]) -> None:
+async def produce(producer: Producer, outputs: list[Output]) -> None:
     """Send ``outputs`` and wait until Kafka acknowledged every one; raises the first failure.
 
     Keyed outputs go in batches per partition (aiokafka's ``create_batch``/``send_batch``: one future
@@ -218,7 +218,7 @@ async def produce(producer: AIOKafkaProducer, outputs: list[Output]) -> None:
     would have put them. An output without a key (a record of an old producer) is sent alone.
     """
     partitions: dict[str, list[int]] = {}
-    open_batches: dict[tuple[str, int], BatchBuilder] = {}
+    open_batches: dict[tuple[str, int], RecordBatch] = {}
     futures: list[asyncio.Future[object]] = []
 
     async def submit(topic: str, partition: int) -> None:
@@ -245,7 +245,25 @@ async def produce(producer: AIOKafkaProducer, outputs: list[Output]) -> None:
                 futures.append(await producer.send(out.topic, value=out.value, key=out.key, headers=out.headers))
     for target in list(open_batches):
         await submit(*target)
-    await asyncio.gather(*futures)
+    await acknowledged(producer, futures)
+
+
+ACK_CHECK_SECONDS = 5.0
+
+
+async def acknowledged(producer: Producer, futures: list[asyncio.Future[object]]) -> None:
+    """Wait until Kafka acknowledged every future; raises the first failure. aiokafka's idempotent
+    producer retries a batch until the broker takes it (an outage is waited out), but a producer
+    whose sender task died never resolves its futures: that is checked every ``ACK_CHECK_SECONDS``."""
+    for future in futures:
+        future.add_done_callback(retrieve)  # the others' failures, once the first one is raised
+    pending: set[asyncio.Future[object]] = set(futures)
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=ACK_CHECK_SECONDS, return_when=asyncio.FIRST_EXCEPTION)
+        for future in done:
+            future.result()
+        if pending and not sender_alive(producer):
+            raise KafkaError("the Kafka producer's sender task died with records unacknowledged")
 
 
 class RouterStep(Step):
@@ -262,13 +280,13 @@ class RouterStep(Step):
         cache: MappingCache,
         issues: IssueProjects,
         topics: Topics,
-        producer: AIOKafkaProducer,
+        producers: RenewableProducer,
         window: TimeWindow,
     ) -> None:
         self.cache = cache
         self.issues = issues
         self.topics = topics
-        self.producer = producer
+        self.producers = producers
         self.window = window
         self.counts = RouteMetrics()
         self.lines = EventLog(log)
@@ -297,7 +315,7 @@ class RouterStep(Step):
                 delivery = await with_issue_project(delivery, self.issues)
             outputs.extend(route_delivery(delivery, org_mappings, self.topics, self.counts, self.lines))
         try:
-            await produce(self.producer, outputs)
+            await produce(self.producers.current, outputs)
         except KafkaError as exc:
             # The broker (or a partition leader) is away: the same batch again after a backoff, its
             # outputs sent again (the writer's idempotency absorbs what was already delivered).
@@ -305,6 +323,9 @@ class RouterStep(Step):
         self.lines.flush()
         metrics.MAPPING_CACHE_AGE.set(self.cache.age_seconds)
         return dead
+
+    def retrying(self, failure: Retry, delay: float) -> None:
+        log.warning("%s; retrying the batch in %.1fs", failure.message, delay)
 
 
 class Router:
@@ -315,7 +336,9 @@ class Router:
         self._engine = create_engine(settings, pool_size=2)
         sessions = sessionmaker(self._engine)
         self.cache = MappingCache(sessions, libpq_url(settings), settings.mapping_refresh_seconds)
-        producer = make_producer(settings, client_id="blametrail-router")
+        producers = RenewableProducer(
+            lambda: make_producer(settings, client_id="blametrail-router"), settings.router_group
+        )
         config = ConsumerConfig.of(
             settings,
             group=settings.router_group,
@@ -325,8 +348,8 @@ class Router:
         )
         consumer = make_consumer(settings, group_id=config.group, client_id="blametrail-router")
         window = TimeWindow.of(settings.event_time_before_days, settings.event_time_after_hours)
-        step = RouterStep(self.cache, IssueProjects(sessions), self.topics, producer, window)
-        self.runtime = ConsumerRuntime(config, step, consumer, producer)
+        step = RouterStep(self.cache, IssueProjects(sessions), self.topics, producers, window)
+        self.runtime = ConsumerRuntime(config, step, consumer, producers)
 
     @property
     def consumer(self) -> AIOKafkaConsumer:

@@ -42,15 +42,23 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError, NoOffsetForPartitionError, OffsetOutOfRangeError
-from aiokafka.structs import ConsumerRecord
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+)
+from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from shared import metrics
 from shared.events import H_DELIVERY_ID
 from shared.kafka import dead_letter_headers, header_map
+from shared.producer import Producer, RenewableProducer, is_broken, retrieve
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -223,22 +231,28 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
     """Runs ``step`` over ``config.topics`` in ``config.group``; ``run(stop)`` returns once ``stop`` is set.
 
     The consumer and the producer (used for dead letters, and shared with the step) are owned by
-    the runtime: ``run`` starts and stops them.
+    the runtime: ``run`` starts and stops them. A producer that broke (``shared.producer.is_broken``:
+    ``OutOfOrderSequenceNumber`` forever after a broker restart, a dead sender task) is replaced
+    before the batch's next attempt.
     """
 
     def __init__(
-        self, config: ConsumerConfig, step: Step, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
+        self, config: ConsumerConfig, step: Step, consumer: AIOKafkaConsumer, producers: RenewableProducer
     ) -> None:
         self.config = config
         self.step = step
         self.consumer = consumer
-        self.producer = producer
+        self.producers = producers
         self._budget = DeadLetterBudget(config.dlq_max_ratio, config.dlq_window, config.dlq_min_orgs)
         self._inflight: _InFlight | None = None
         self._paused = False
 
+    @property
+    def producer(self) -> Producer:
+        return self.producers.current
+
     async def run(self, stop: asyncio.Event) -> None:
-        await self.producer.start()
+        await self.producers.start()
         try:
             self.consumer.subscribe(list(self.config.topics), listener=self)
             await self.consumer.start()
@@ -251,7 +265,7 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
             finally:
                 await self.consumer.stop()
         finally:
-            await self.producer.stop()
+            await self.producers.stop()
 
     async def _poll(self, timeout_ms: int, max_records: int | None = None) -> Records:
         try:
@@ -283,7 +297,14 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
             except DeadLetterLimitExceeded:
                 log.error("too many dead letters (last: %s); stopping with the batch uncommitted", dead[-1].error)
                 raise
-            sent = [await self._dead_letter(letter) for letter in dead]
+            sent: list[SentLetter] = []
+
+            async def send_dead_letters() -> None:
+                sent[:] = await self._dead_letters(dead)
+
+            if dead and not await self._attempt(send_dead_letters, inflight, stop):
+                self._resume()
+                return
             if sent and not await self._attempt(lambda: self.step.dead_lettered(sent), inflight, stop):
                 self._resume()
                 return
@@ -317,8 +338,14 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
         retried = False
         while True:
             try:
+                try:
+                    await self.producers.ready()
+                except KafkaError as exc:
+                    raise Retry("kafka", f"starting a new Kafka producer failed: {exc!r}") from exc
                 await work()
             except Retry as failure:
+                if is_broken(self.producer, failure.__cause__):
+                    self.producers.broken(f"{type(failure.__cause__).__name__}: {failure.message}")
                 if not (stop.is_set() or inflight.abandoned):
                     retried = True
                     self.step.retrying(failure, delay)
@@ -362,24 +389,35 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
             if assignment:
                 self.consumer.resume(*assignment)
 
-    async def _dead_letter(self, letter: DeadLetter) -> SentLetter:
-        record = letter.record
-        delivery = header_map(record.headers or ()).get(H_DELIVERY_ID)
-        log.warning("dead-lettering %s[%d]@%d (%s): %s", record.topic, record.partition, record.offset, letter.stage,
-                    letter.error, extra={"delivery_id": delivery, "org": letter.org})  # fmt: skip
-        headers = dead_letter_headers(
-            record.headers,
-            error=letter.error,
-            stage=letter.stage,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-        )
-        meta = await self.producer.send_and_wait(
-            self.config.dlq_topic, value=record.value or b"", key=record.key, headers=headers
-        )
-        metrics.DLQ_MESSAGES.labels(stage=self.step.name).inc()
-        return SentLetter(letter, meta.partition, meta.offset)
+    async def _dead_letters(self, dead: Sequence[DeadLetter]) -> list[SentLetter]:
+        """Produce ``dead`` to the dead-letter topic and wait for every acknowledgement; a Kafka failure
+        is a :class:`Retry` (all of them are sent again: the DLQ may hold a record twice, never zero times)."""
+        futures: list[asyncio.Future[object]] = []
+        try:
+            for letter in dead:
+                record = letter.record
+                delivery = header_map(record.headers or ()).get(H_DELIVERY_ID)
+                log.warning("dead-lettering %s[%d]@%d (%s): %s", record.topic, record.partition, record.offset,
+                            letter.stage, letter.error, extra={"delivery_id": delivery, "org": letter.org})  # fmt: skip
+                headers = dead_letter_headers(
+                    record.headers,
+                    error=letter.error,
+                    stage=letter.stage,
+                    topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                )
+                future = await self.producer.send(
+                    self.config.dlq_topic, value=record.value or b"", key=record.key, headers=headers
+                )
+                future.add_done_callback(retrieve)
+                futures.append(future)
+            acknowledged = [await future for future in futures]
+        except KafkaError as exc:
+            raise Retry("kafka", f"dead-lettering failed: {exc!r}") from exc
+        metrics.DLQ_MESSAGES.labels(stage=self.step.name).inc(len(dead))
+        metas = cast(list[RecordMetadata], acknowledged)
+        return [SentLetter(letter, meta.partition, meta.offset) for letter, meta in zip(dead, metas, strict=True)]
 
     def _observe(self, batch: Batch) -> None:
         group = self.config.group

@@ -128,6 +128,11 @@ CONSUMER_ABANDONED_BATCHES = Counter(
     ["group"],
 )
 CONSUMER_COMMITS = Counter("blametrail_consumer_commits_total", "Offset commits", ["group"])
+CONSUMER_PRODUCER_RESTARTS = Counter(
+    "blametrail_consumer_producer_restarts_total",
+    "Kafka producers of a consumer service replaced because they broke (a fatal idempotence error, a dead sender)",
+    ["group"],
+)
 CONSUMER_REBALANCES = Counter(
     "blametrail_consumer_rebalances_total", "Partition assignments and revocations", ["group", "kind"]
 )

@@ -15,10 +15,10 @@ from pathlib import Path
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, OutOfOrderSequenceNumber
 
 from ingest.async_spool import AsyncSpool
-from ingest.kafka import Producer, RecordBatch
 from ingest.publish import Publisher
 from ingest.record import RawRecord
 from shared.kafka import partition_for
+from shared.producer import Producer, RecordBatch
 from tests.support import wait_until
 
 TOPIC = "t.raw"

@@ -14,11 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ingest.app import create_app
 from ingest.async_spool import AsyncSpool
-from ingest.kafka import Producer
 from ingest.publish import Outcome, Publisher
 from ingest.record import RawRecord
 from shared import events
 from shared.kafka import make_producer
+from shared.producer import Producer
 from shared.settings import Settings
 from shared.topics import Topics
 from tests.support import free_port, signed_headers, wait_until

@@ -9,12 +9,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+    OutOfOrderSequenceNumber,
+)
 from aiokafka.structs import ConsumerRecord
+from prometheus_client import REGISTRY
 
 from shared.consumer import (
     Batch,
@@ -28,6 +35,7 @@ from shared.consumer import (
     SentLetter,
     Step,
 )
+from shared.producer import Producer, RenewableProducer
 
 TP0, TP1 = TopicPartition("in", 0), TopicPartition("in", 1)
 
@@ -94,22 +102,41 @@ class FakeConsumer:
 
 
 class FakeProducer:
-    def __init__(self, consumer: FakeConsumer) -> None:
+    """Acknowledges every send at once, unless ``failures`` holds an error for it."""
+
+    def __init__(self, consumer: FakeConsumer, failures: list[BaseException] | None = None) -> None:
         self.consumer = consumer
+        self.failures = failures if failures is not None else []
         self.sent: list[tuple[str, bytes, dict[str, bytes]]] = []
+        self.started = self.stopped = False
 
     async def start(self) -> None:
-        pass
+        self.started = True
 
     async def stop(self) -> None:
-        pass
+        self.stopped = True
 
-    async def send_and_wait(
+    async def send(
         self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]
-    ) -> SimpleNamespace:
+    ) -> asyncio.Future[object]:
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        if self.failures:
+            future.set_exception(self.failures.pop(0))
+            return future
         self.consumer.events.append("dead_letter")
         self.sent.append((topic, value, dict(headers)))
-        return SimpleNamespace(partition=0, offset=len(self.sent) - 1)
+        future.set_result(SimpleNamespace(partition=0, offset=len(self.sent) - 1))
+        return future
+
+
+def restarts(group: str) -> float:
+    return REGISTRY.get_sample_value("blametrail_consumer_producer_restarts_total", {"group": group}) or 0.0
+
+
+def fake_producer(rt: ConsumerRuntime) -> FakeProducer:
+    producer = rt.producer
+    assert isinstance(producer, FakeProducer)
+    return producer
 
 
 class ScriptedStep(Step):
@@ -161,7 +188,8 @@ def runtime(consumer: FakeConsumer, step: Step, **config: Any) -> ConsumerRuntim
         "retry_max_seconds": 0.02,
     }
     settings.update(config)
-    return ConsumerRuntime(ConsumerConfig(**settings), step, consumer, FakeProducer(consumer))
+    producers = RenewableProducer(lambda: cast(Producer, FakeProducer(consumer)), "g")
+    return ConsumerRuntime(ConsumerConfig(**settings), step, consumer, producers)
 
 
 async def run_until_drained(rt: ConsumerRuntime, consumer: FakeConsumer) -> None:
@@ -183,7 +211,7 @@ async def test_commits_offset_plus_one_after_the_effect_and_dead_letters() -> No
     assert consumer.events == ["effect", "dead_letter", "audited", "commit"]
     assert consumer.commits == [{TP0: 6, TP1: 10}]
     assert step.audited == [(5, 0, 0)]  # the dead letter's place in the DLQ reaches the step
-    [(topic, value, headers)] = rt.producer.sent
+    [(topic, value, headers)] = fake_producer(rt).sent
     assert (topic, value) == ("dlq", b"v")
     assert headers["h"] == b"1" and headers["stage"] == b"test.decode" and headers["error"] == b"cannot be read"
     assert (headers["original_topic"], headers["original_partition"], headers["original_offset"]) == (b"in", b"0", b"5")
@@ -194,7 +222,7 @@ async def test_a_bug_stops_the_consumer_with_nothing_committed() -> None:
     rt = runtime(consumer, ScriptedStep(consumer, ZeroDivisionError("bug")))
     with pytest.raises(ZeroDivisionError):
         await asyncio.wait_for(rt.run(asyncio.Event()), 10)
-    assert consumer.commits == [] and rt.producer.sent == []
+    assert consumer.commits == [] and fake_producer(rt).sent == []
 
 
 async def test_retry_pauses_retries_the_same_batch_and_resumes() -> None:
@@ -207,6 +235,37 @@ async def test_retry_pauses_retries_the_same_batch_and_resumes() -> None:
     runs = [e for n, e in enumerate(consumer.events) if n == 0 or consumer.events[n - 1] != e]
     assert runs == ["pause", "effect", "resume", "commit"]
     assert consumer.commits == [{TP0: 2}] and not consumer.paused
+
+
+async def test_a_broken_producer_is_replaced_before_the_next_attempt() -> None:
+    """aiokafka's idempotent producer can answer ``OutOfOrderSequenceNumber`` to every later batch
+    after a broker restart (aiokafka issue 1017): retrying with it would retry forever."""
+    consumer = FakeConsumer({TP0: [record(TP0, 1)]})
+    fatal = Retry("kafka", "producing failed")
+    fatal.__cause__ = OutOfOrderSequenceNumber()
+    transient = Retry("kafka", "broker away")
+    transient.__cause__ = KafkaConnectionError()
+    step = ScriptedStep(consumer, transient, fatal, [])
+    rt = runtime(consumer, step)
+    first = fake_producer(rt)
+    before = restarts("g")
+    await run_until_drained(rt, consumer)
+    assert [reason for reason, _ in step.retries] == ["kafka", "kafka"]
+    assert consumer.commits == [{TP0: 2}]
+    second = fake_producer(rt)
+    assert second is not first and first.stopped and second.started  # replaced once: after the fatal error only
+    assert restarts("g") - before == 1
+
+
+async def test_a_dead_letter_kafka_did_not_take_is_sent_again_not_lost() -> None:
+    consumer = FakeConsumer({TP0: [record(TP0, 4), record(TP0, 5)]})
+    step = ScriptedStep(consumer, [5])
+    rt = runtime(consumer, step)
+    fake_producer(rt).failures.append(KafkaTimeoutError())
+    await run_until_drained(rt, consumer)
+    assert [reason for reason, _ in step.retries] == ["kafka"]
+    assert step.audited == [(5, 0, 0)] and len(fake_producer(rt).sent) == 1
+    assert consumer.commits == [{TP0: 6}]
 
 
 async def test_stop_while_retrying_leaves_the_batch_uncommitted() -> None:
@@ -261,7 +320,7 @@ async def test_dead_letter_budget_stops_before_producing() -> None:
     rt = runtime(consumer, ScriptedStep(consumer, list(range(6))), dlq_max_ratio=0.5, dlq_window=10)
     with pytest.raises(DeadLetterLimitExceeded):
         await asyncio.wait_for(rt.run(asyncio.Event()), 10)
-    assert rt.producer.sent == [] and consumer.commits == []
+    assert fake_producer(rt).sent == [] and consumer.commits == []
 
 
 def test_dead_letter_budget_is_a_sliding_window() -> None:
