@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db.session import create_engine, sessionmaker
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from tests.support.outage import Broker
 
 
 def _require_services() -> None:
@@ -62,6 +66,20 @@ async def topics(migrated: Settings) -> Settings:
 
     await create_topics(migrated)
     return migrated
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A Kafka broker of the module's own (``scripts/kafka.sh`` in a run directory of its own), for
+    tests that stop and start it; other tests share the session's broker."""
+    from tests.support.outage import Broker
+
+    own = Broker(tmp_path_factory.mktemp("kafka-run"))
+    own.start()
+    try:
+        yield own
+    finally:
+        own.shutdown()
 
 
 @pytest.fixture

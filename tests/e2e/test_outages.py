@@ -23,7 +23,7 @@ import json
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -60,16 +60,6 @@ PROJECTS = [
     ("internal-tools", "ignored", "mapping_inactive"),
     ("not-mapped-anywhere", "ignored", "unmapped"),
 ]
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    broker = Broker(tmp_path_factory.mktemp("kafka-run"))
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.shutdown()
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,16 +44,6 @@ class Stack:
     org: NewOrg
     client: httpx.AsyncClient
     log_dir: Path
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    broker = Broker(tmp_path_factory.mktemp("kafka-run"))
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -35,4 +35,3 @@ async def test_failed_metadata_updates_are_spaced_by_the_retry_backoff() -> None
         await client.close()
     # 1 s / 0.2 s: five attempts, six at most (the refusals themselves are immediate); unpatched, hundreds.
     assert 4 <= attempts <= 6, attempts
-
