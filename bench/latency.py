@@ -143,7 +143,7 @@ def end_to_end(database_url: str | None, start: float, end: float) -> dict[str, 
         SELECT count(*),
                percentile_cont(ARRAY[0.5, 0.99, 0.999]) WITHIN GROUP (ORDER BY d),
                max(d)
-        FROM (SELECT extract(epoch FROM processed_at - received_at) * 1000 AS d
+        FROM (SELECT (extract(epoch FROM processed_at - received_at) * 1000)::float8 AS d
               FROM audit_records WHERE received_at >= to_timestamp(%s) AND received_at < to_timestamp(%s)) AS t
     """
     with psycopg.connect(database_url, connect_timeout=5) as conn:
