@@ -5,11 +5,18 @@ for all of them), in the order ``append`` was called; each ``append`` returns on
 fsync'd, or raises ``SpoolFull`` (over the byte limit) or ``SpoolUnavailable`` (cannot write, closed).
 The event loop never waits for the disk. Counters are snapshots taken on the spool thread after each
 operation and published as ``blametrail_ingest_spool_depth``, ``_bytes`` and ``_oldest_age_seconds``.
+
+``may_hold(key)`` says whether a row of ``key`` may be in the spool (or on its way there): the keys
+of the rows this process appended are counted until they are delivered or parked. Rows it did not
+append (left by an earlier run, adopted from a dead worker) have keys it does not know: until the
+spool is empty again, every key may be held. The publisher sends a webhook around a non-empty spool
+only when its key is not held, so an issue's events stay in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import time
@@ -38,6 +45,8 @@ class AsyncSpool:
         self._stats = spool.stats()
         self._failed = False
         self._closed = False
+        self._keys: collections.Counter[bytes] = collections.Counter()  # appended, not yet delivered
+        self._keys_known = self._stats.depth == 0
         self._publish_metrics()
         metrics.INGEST_SPOOL_OLDEST_AGE.set_function(self._oldest_age)
 
@@ -73,6 +82,22 @@ class AsyncSpool:
         free = self._stats.max_bytes - self._stats.bytes
         return not self._closed and not self._failed and free >= max(self._headroom, 1)
 
+    def may_hold(self, key: bytes) -> bool:
+        """Whether a row of ``key`` may be in the spool or on its way there (see the module docstring)."""
+        return not self._keys_known or self._keys[key] > 0
+
+    def _forget(self, rows: Sequence[SpoolRow]) -> None:
+        for row in rows:
+            key = row.record.key
+            if self._keys[key] > 1:
+                self._keys[key] -= 1
+            else:
+                self._keys.pop(key, None)
+        if self._stats.depth == 0 and not self._queue and self._flusher is None:
+            # Empty, nothing on its way: from now on every row's key is one this process counts.
+            self._keys.clear()
+            self._keys_known = True
+
     def _oldest_age(self) -> float:
         oldest = self._stats.oldest_received_at
         return max(0.0, time.time() - oldest) if oldest is not None else 0.0
@@ -106,9 +131,18 @@ class AsyncSpool:
             raise SpoolUnavailable("the spool is closed")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((record, future))
+        self._keys[record.key] += 1
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="spool-flush")
-        await future
+        try:
+            await future
+        except SpoolFull:
+            self._forget([SpoolRow(0, record)])  # not stored
+            raise
+        except BaseException:
+            self._forget([SpoolRow(0, record)])
+            self._keys_known = False  # stored or not, nobody knows: every key may be held until empty
+            raise
 
     async def _flush(self) -> None:
         try:
@@ -137,12 +171,17 @@ class AsyncSpool:
 
     async def delete(self, rows: Sequence[SpoolRow]) -> None:
         await self._run(functools.partial(self._spool.delete, rows))
+        self._forget(rows)
 
     async def park(self, rows: Sequence[SpoolRow], reason: str) -> None:
         await self._run(functools.partial(self._spool.park, rows, reason))
+        self._forget(rows)
 
     async def adopt_orphans(self) -> int:
-        return await self._run(self._spool.adopt_orphans)
+        adopted = await self._run(self._spool.adopt_orphans)
+        if adopted:
+            self._keys_known = False  # a dead worker's rows: keys this process never counted
+        return adopted
 
     async def close(self) -> None:
         """Finish pending appends, then release the file (rows stay for the next start)."""

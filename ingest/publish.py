@@ -12,8 +12,14 @@
   failed too. The caller answers 503. (Durability beats order here: that last attempt goes around
   the spool.)
 
-Order: while the spool holds rows (or appends are on their way to it), new records go to the spool
-as well, so a later webhook never overtakes a spooled one; the drainer keeps spool order per key.
+Order, per key (one Sentry issue): while the spool holds rows of a key (or appends of it are on their
+way), that key's new records go to the spool as well, so a later event of an issue never overtakes a
+spooled one; the drainer keeps spool order per key. Other keys go around a non-empty spool once Kafka
+acknowledges direct sends again: after a direct send timed out or failed, one direct send at a time,
+at most one every ``PROBE_INTERVAL`` seconds, probes Kafka (the rest spool at once) until one is
+acknowledged. Rows whose keys this process does
+not know (an earlier run's, a dead worker's) hold every key back until the spool is empty
+(``AsyncSpool.may_hold``).
 
 ``Publisher`` also owns the lifecycle: ``start`` launches the producer supervisor
 (``ingest/producer.py``) and the drainer; ``close`` stops draining, flushes the producer and
@@ -37,6 +43,9 @@ from shared import metrics
 from shared.producer import retrieve
 
 log = logging.getLogger("blametrail.ingest.publish")
+
+
+PROBE_INTERVAL = 1.0  # seconds between direct sends that probe an unhealthy Kafka around the spool
 
 
 class Outcome(StrEnum):
@@ -67,6 +76,9 @@ class Publisher:
         self._max_inflight = max_inflight
         self._inflight = 0
         self._spool_pending = 0
+        self._healthy = True  # the last direct send was acknowledged (not timed out, not failed)
+        self._failed_at = -PROBE_INTERVAL  # when a direct send last timed out or failed (monotonic)
+        self._probing = False  # a direct send around a non-empty spool is testing an unhealthy Kafka
         self.producers = ProducerSupervisor(factory, bootstrap=bootstrap, busy=self._busy, on_connected=self._wake)
         self._drainer = Drainer(spool, self.producers, topic)
 
@@ -84,13 +96,14 @@ class Publisher:
     def _wake(self) -> None:
         self._drainer.wake()
 
-    def _direct_allowed(self) -> bool:
-        return (
-            self.producers.usable is not None
-            and self.spool.depth == 0
-            and self._spool_pending == 0
-            and self._inflight < self._max_inflight
-        )
+    def _direct_allowed(self, key: bytes) -> bool:
+        if self.producers.usable is None or self._inflight >= self._max_inflight:
+            return False
+        if self.spool.depth == 0 and self._spool_pending == 0:
+            return True
+        if self.spool.may_hold(key):
+            return False
+        return self._healthy or (not self._probing and time.monotonic() - self._failed_at >= PROBE_INTERVAL)
 
     async def start(self, wait_connected: float = 5.0) -> None:
         """Start the producer supervisor and the drainer; wait for the first producer start attempt, at
@@ -111,10 +124,16 @@ class Publisher:
     async def publish(self, record: RawRecord) -> Outcome:
         """Make ``record`` durable; raises ``Unavailable`` when neither Kafka nor the spool can."""
         tried_direct = False
-        if self._direct_allowed():
+        if self._direct_allowed(record.key):
             tried_direct = True
-            if await self._send_direct(record):
-                return Outcome.ACCEPTED
+            probe = not self._healthy
+            self._probing = self._probing or probe
+            try:
+                if await self._send_direct(record):
+                    return Outcome.ACCEPTED
+            finally:
+                if probe:
+                    self._probing = False
         try:
             await self._to_spool(record)
         except SpoolError as exc:
@@ -145,12 +164,15 @@ class Publisher:
                 future.add_done_callback(retrieve)
                 await asyncio.shield(future)
         except TimeoutError:
+            self._healthy, self._failed_at = False, time.monotonic()
             return False
         except Exception as exc:
+            self._healthy, self._failed_at = False, time.monotonic()
             self.producers.check_error(producer, exc)
             return False
         finally:
             self._inflight -= 1
+        self._healthy = True
         metrics.INGEST_PUBLISH_SECONDS.observe(time.perf_counter() - started)
         self.producers.progress()
         return True

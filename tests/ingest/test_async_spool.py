@@ -35,3 +35,24 @@ async def test_async_spool_group_commits_in_call_order_and_reports_full(tmp_path
     with pytest.raises(SpoolUnavailable):
         await spool.append(msg(99))
     assert spooled_rows(tmp_path) == 35
+
+
+async def test_keys_are_held_while_their_rows_are_spooled_and_unknown_rows_hold_every_key(tmp_path: Path) -> None:
+    spool = await AsyncSpool.open(tmp_path, RAW, 1 << 20)
+    try:
+        await spool.append(msg(1))
+        key = msg(1).key
+        assert spool.may_hold(key) and not spool.may_hold(b"another key")
+        await spool.delete(await spool.peek(10, 1 << 30))
+        assert not spool.may_hold(key)
+        await spool.append(msg(2))  # left for the next start
+    finally:
+        await spool.close()
+
+    spool = await AsyncSpool.open(tmp_path, RAW, 1 << 20)  # an earlier run's row: its key is unknown here
+    try:
+        assert spool.may_hold(b"another key")
+        await spool.delete(await spool.peek(10, 1 << 30))
+        assert not spool.may_hold(b"another key") and not spool.may_hold(msg(2).key)  # empty: known again
+    finally:
+        await spool.close()

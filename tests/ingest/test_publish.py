@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ingest import publish
 from ingest.publish import Outcome, Unavailable
 from ingest.spool_files import spooled_rows
 from tests.ingest.fake_kafka import TIMEOUT, FakeBroker, Harness, drained, make, record, true
@@ -52,6 +53,53 @@ async def test_no_ack_in_time_spools_later_ones_follow_and_drain_in_order(harnes
 
     assert await harness.publisher.publish(record(8)) is Outcome.ACCEPTED
     assert broker.direct_sends == 2
+
+
+async def test_other_issues_go_around_a_spool_that_holds_one_once_kafka_acknowledges_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(publish, "PROBE_INTERVAL", 0.05)
+    broker, publisher = harness.broker, harness.publisher
+    broker.mode = "hang"
+    a1 = record(1, key="org/a")
+    assert await publisher.publish(a1) is Outcome.SPOOLED
+    # Kafka acknowledges direct sends again, but the drainer's batches hang: issue a stays spooled.
+    broker.mode, broker.hang_batches = "up", True
+    await asyncio.sleep(0.06)  # past the probe interval
+    b1, a2, c1 = record(2, key="org/b"), record(3, key="org/a"), record(4, key="org/c")
+    assert await publisher.publish(b1) is Outcome.ACCEPTED  # the probe: acknowledged, Kafka is healthy
+    assert await publisher.publish(a2) is Outcome.SPOOLED  # behind issue a's spooled event
+    assert await publisher.publish(c1) is Outcome.ACCEPTED
+    assert publisher.spool.depth == 2 and broker.direct_sends == 3
+
+    broker.recover()
+    await drained(harness)
+    assert broker.per_key()[b"org/a"] == [a1.value, a2.value]
+    assert broker.per_key()[b"org/b"] == [b1.value] and broker.per_key()[b"org/c"] == [c1.value]
+    assert not publisher.spool.may_hold(b"org/a")
+    assert await publisher.publish(record(5, key="org/a")) is Outcome.ACCEPTED
+
+
+async def test_while_kafka_hangs_one_direct_send_a_probe_interval_tests_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(publish, "PROBE_INTERVAL", 0.3)
+    broker, publisher = harness.broker, harness.publisher
+    broker.mode = "hang"
+    assert await publisher.publish(record(1, key="org/a")) is Outcome.SPOOLED
+    assert await publisher.publish(record(2, key="org/b")) is Outcome.SPOOLED
+    assert broker.direct_sends == 1  # within the interval: straight to the spool
+
+    await asyncio.sleep(0.3)
+    probe = asyncio.create_task(publisher.publish(record(3, key="org/c")))
+    await wait_until(lambda: true(broker.direct_sends == 2), within=5, what="the probe's send")
+    assert not probe.done()
+    assert await publisher.publish(record(4, key="org/d")) is Outcome.SPOOLED  # one probe at a time
+    assert await probe is Outcome.SPOOLED  # the probe timed out too
+    assert broker.direct_sends == 2
+    broker.recover()
+    await drained(harness)
+    assert len(broker.values()) == 4
 
 
 async def test_past_the_inflight_limit_webhooks_are_spooled_at_once(tmp_path: Path) -> None:
