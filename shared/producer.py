@@ -164,6 +164,11 @@ class RenewableProducer:
             await dispose(self.current, DISPOSE_WITHIN)
             self.current = self._factory()
             metrics.CONSUMER_PRODUCER_RESTARTS.labels(group=self._group).inc()
-        await self.current.start()
+        try:
+            await self.current.start()
+        except BaseException:
+            await dispose(self.current, DISPOSE_WITHIN)  # a half-started producer is not started again
+            self.current = self._factory()
+            raise
         self._started = True
         self._reason = None

@@ -353,3 +353,28 @@ async def test_a_new_group_starts_at_the_beginning_and_out_of_range_fails_loudly
     with pytest.raises(OffsetOutOfRange, match="reset-offsets"):
         await asyncio.wait_for(runtime(consumer, ScriptedStep(consumer)).run(asyncio.Event()), 10)
     assert consumer.seeks == []
+
+
+async def test_a_replacement_that_cannot_start_is_discarded_and_tried_again() -> None:
+    consumer = FakeConsumer()
+    made: list[FakeProducer] = []
+    refusals = [KafkaConnectionError()]
+
+    class Refusing(FakeProducer):
+        async def start(self) -> None:
+            if refusals and len(made) > 1:
+                raise refusals.pop()
+            await super().start()
+
+    def factory() -> Producer:
+        made.append(Refusing(consumer))
+        return cast(Producer, made[-1])
+
+    producers = RenewableProducer(factory, "g")
+    await producers.start()
+    producers.broken("OutOfOrderSequenceNumber")
+    with pytest.raises(KafkaConnectionError):
+        await producers.ready()  # the broker is away: the half-started successor is dropped
+    await producers.ready()
+    assert len(made) == 3 and made[0].stopped and made[1].stopped and made[2].started
+    assert cast(object, producers.current) is made[2]
