@@ -82,6 +82,11 @@ class AsyncSpool:
         free = self._stats.max_bytes - self._stats.bytes
         return not self._closed and not self._failed and free >= max(self._headroom, 1)
 
+    @property
+    def idle(self) -> bool:
+        """No append is queued or being written (a cancelled ``append`` may still be on its way)."""
+        return not self._queue and self._flusher is None
+
     def may_hold(self, key: bytes) -> bool:
         """Whether a row of ``key`` may be in the spool or on its way there (see the module docstring)."""
         return not self._keys_known or self._keys[key] > 0
@@ -178,7 +183,11 @@ class AsyncSpool:
         self._forget(rows)
 
     async def adopt_orphans(self) -> int:
-        adopted = await self._run(self._spool.adopt_orphans)
+        try:
+            adopted = await self._run(self._spool.adopt_orphans)
+        except BaseException:
+            self._keys_known = False  # some of a dead worker's rows may have been merged before it failed
+            raise
         if adopted:
             self._keys_known = False  # a dead worker's rows: keys this process never counted
         return adopted

@@ -26,12 +26,11 @@ from collections.abc import Callable
 
 from ingest.kafka import ProducerFactory, bootstrap_addresses
 from shared import metrics
-from shared.producer import Producer, dispose, is_broken, sender_alive
+from shared.producer import START_TIMEOUT, Producer, dispose, is_broken, sender_alive
 
 log = logging.getLogger("blametrail.ingest.producer")
 
 STUCK_AFTER = 10.0
-START_TIMEOUT = 10.0
 
 
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:

@@ -99,7 +99,7 @@ class Publisher:
     def _direct_allowed(self, key: bytes) -> bool:
         if self.producers.usable is None or self._inflight >= self._max_inflight:
             return False
-        if self.spool.depth == 0 and self._spool_pending == 0:
+        if self.spool.depth == 0 and self._spool_pending == 0 and self.spool.idle:
             return True
         if self.spool.may_hold(key):
             return False

@@ -27,7 +27,7 @@ from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, 
 from shared.db.session import create_engine, libpq_url, sessionmaker
 from shared.kafka import Headers, header_map, make_consumer, make_producer, partition_for
 from shared.logs import EventLog
-from shared.producer import Producer, RecordBatch, RenewableProducer, retrieve, sender_alive
+from shared.producer import Producer, RecordBatch, RenewableProducer, acknowledged
 from shared.sentry import ParsedWebhook, parse_webhook
 from shared.settings import Settings
 from shared.topics import Topics
@@ -246,24 +246,6 @@ async def produce(producer: Producer, outputs: list[Output]) -> None:
     for target in list(open_batches):
         await submit(*target)
     await acknowledged(producer, futures)
-
-
-ACK_CHECK_SECONDS = 5.0
-
-
-async def acknowledged(producer: Producer, futures: list[asyncio.Future[object]]) -> None:
-    """Wait until Kafka acknowledged every future; raises the first failure. aiokafka's idempotent
-    producer retries a batch until the broker takes it (an outage is waited out), but a producer
-    whose sender task died never resolves its futures: that is checked every ``ACK_CHECK_SECONDS``."""
-    for future in futures:
-        future.add_done_callback(retrieve)  # the others' failures, once the first one is raised
-    pending: set[asyncio.Future[object]] = set(futures)
-    while pending:
-        done, pending = await asyncio.wait(pending, timeout=ACK_CHECK_SECONDS, return_when=asyncio.FIRST_EXCEPTION)
-        for future in done:
-            future.result()
-        if pending and not sender_alive(producer):
-            raise KafkaError("the Kafka producer's sender task died with records unacknowledged")
 
 
 class RouterStep(Step):

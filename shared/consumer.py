@@ -58,7 +58,7 @@ from aiokafka.structs import ConsumerRecord, RecordMetadata
 from shared import metrics
 from shared.events import H_DELIVERY_ID
 from shared.kafka import dead_letter_headers, header_map
-from shared.producer import Producer, RenewableProducer, is_broken, retrieve
+from shared.producer import Producer, RenewableProducer, acknowledged, is_broken, retrieve
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -340,7 +340,7 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
             try:
                 try:
                     await self.producers.ready()
-                except KafkaError as exc:
+                except (KafkaError, TimeoutError) as exc:
                     raise Retry("kafka", f"starting a new Kafka producer failed: {exc!r}") from exc
                 await work()
             except Retry as failure:
@@ -410,13 +410,12 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
                 future = await self.producer.send(
                     self.config.dlq_topic, value=record.value or b"", key=record.key, headers=headers
                 )
-                future.add_done_callback(retrieve)
+                future.add_done_callback(retrieve)  # if a later send raises, nobody awaits this one
                 futures.append(future)
-            acknowledged = [await future for future in futures]
+            metas = cast(list[RecordMetadata], await acknowledged(self.producer, futures))
         except KafkaError as exc:
             raise Retry("kafka", f"dead-lettering failed: {exc!r}") from exc
         metrics.DLQ_MESSAGES.labels(stage=self.step.name).inc(len(dead))
-        metas = cast(list[RecordMetadata], acknowledged)
         return [SentLetter(letter, meta.partition, meta.offset) for letter, meta in zip(dead, metas, strict=True)]
 
     def _observe(self, batch: Batch) -> None:

@@ -21,6 +21,7 @@ from typing import Protocol
 from aiokafka.errors import (
     InvalidProducerEpoch,
     InvalidProducerIdMapping,
+    KafkaError,
     OutOfOrderSequenceNumber,
     ProducerClosed,
     ProducerFenced,
@@ -41,6 +42,8 @@ FATAL_ERRORS: tuple[type[BaseException], ...] = (
     ProducerClosed,
 )
 DISPOSE_WITHIN = 2.0  # seconds for each step of closing a broken producer
+START_TIMEOUT = 10.0  # seconds a producer may take to start (aiokafka retries its producer id for ever)
+ACK_CHECK_SECONDS = 5.0  # how often a wait for acknowledgements checks that the sender task lives
 
 
 class RecordBatch(Protocol):
@@ -120,6 +123,23 @@ async def dispose(producer: Producer, within: float) -> None:
         log.warning("Kafka producer did not close cleanly: %r", exc)
 
 
+async def acknowledged(producer: Producer, futures: list[asyncio.Future[object]]) -> list[object]:
+    """Wait until Kafka acknowledged every future; their results, or the first failure raised.
+    aiokafka's idempotent producer retries a batch until the broker takes it (an outage is waited
+    out), but a producer whose sender task died never resolves its futures: that is checked every
+    ``ACK_CHECK_SECONDS`` (``KafkaError``, so the caller retries with a new producer)."""
+    for future in futures:
+        future.add_done_callback(retrieve)  # the others' failures, once the first one is raised
+    pending: set[asyncio.Future[object]] = set(futures)
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=ACK_CHECK_SECONDS, return_when=asyncio.FIRST_EXCEPTION)
+        for future in done:
+            future.result()
+        if pending and not sender_alive(producer):
+            raise KafkaError("the Kafka producer's sender task died with records unacknowledged")
+    return [future.result() for future in futures]
+
+
 def is_broken(producer: Producer, exc: BaseException | None) -> bool:
     """Whether a send through ``producer`` that failed with ``exc`` means the producer must be replaced."""
     return isinstance(exc, FATAL_ERRORS) or not sender_alive(producer)
@@ -129,8 +149,8 @@ class RenewableProducer:
     """The producer a consumer service sends with (``current``), replaced when it is broken.
 
     ``broken(reason)`` asks for a replacement; ``ready()``, called before each attempt of a batch,
-    disposes of the broken one and starts its successor (raising aiokafka's error when the broker
-    cannot be reached: the attempt is retried). ``group`` labels
+    disposes of the broken one and starts its successor (raising aiokafka's error, or ``TimeoutError``
+    past ``START_TIMEOUT``, when the broker cannot be reached: the attempt is retried). ``group`` labels
     ``blametrail_consumer_producer_restarts_total``.
     """
 
@@ -146,9 +166,9 @@ class RenewableProducer:
         self._started = True
 
     async def stop(self) -> None:
-        if self._started:
+        if self._started and self._reason is None:
             await self.current.stop()
-        else:
+        else:  # never started, or broken: stop() would wait for what it will never deliver
             await dispose(self.current, DISPOSE_WITHIN)
 
     def broken(self, reason: str) -> None:
@@ -165,7 +185,7 @@ class RenewableProducer:
             self.current = self._factory()
             metrics.CONSUMER_PRODUCER_RESTARTS.labels(group=self._group).inc()
         try:
-            await self.current.start()
+            await asyncio.wait_for(self.current.start(), START_TIMEOUT)
         except BaseException:
             await dispose(self.current, DISPOSE_WITHIN)  # a half-started producer is not started again
             self.current = self._factory()
