@@ -17,7 +17,8 @@ from starlette.staticfiles import StaticFiles
 
 from admin.api import PREFIX, api_routes, error_response, internal_error_response, log
 from admin.openapi import build_openapi
-from shared.db.session import DB_CONNECT_TIMEOUT, create_engine, sessionmaker
+from shared.db.conninfo import DB_CONNECT_TIMEOUT
+from shared.db.session import create_engine, sessionmaker
 from shared.settings import Settings, get_settings
 
 STATIC = Path(__file__).with_name("static")

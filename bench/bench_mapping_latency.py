@@ -19,9 +19,10 @@ from sqlalchemy import insert, update
 
 from router.cache import MappingCache
 from router.routing import OrgMappings
+from shared.db.conninfo import libpq_url
 from shared.db.migrate import upgrade
 from shared.db.models import Organization, SentryProjectMapping, Service
-from shared.db.session import create_engine, libpq_url, sessionmaker
+from shared.db.session import create_engine, sessionmaker
 from shared.settings import Settings
 
 

@@ -51,8 +51,9 @@ from psycopg import sql
 from bench.saturation import free_port
 from bench.stack import read_env
 from router.cache import MappingCache
+from shared.db.conninfo import as_libpq, libpq_url
 from shared.db.migrate import upgrade
-from shared.db.session import as_libpq, create_engine, libpq_url, sessionmaker
+from shared.db.session import create_engine, sessionmaker
 from shared.kafka import create_topics
 from shared.settings import Settings
 from shared.topics import Topics

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from bench.harness import REPO, Target, loopback_only
-from shared.db.session import as_libpq
+from shared.db.conninfo import as_libpq
 
 SERVICES = ("ingest", "router", "writer")
 

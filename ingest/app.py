@@ -53,9 +53,9 @@ from ingest.record import RawRecord
 from ingest.secrets import LegacyTokenCache, OrgCache, SecretCache, invalidator
 from ingest.spool_files import SpoolError
 from shared import events, metrics
+from shared.credentials import Connections
+from shared.db.conninfo import MAPPINGS_CHANNEL, libpq_url
 from shared.db.listen import Listener
-from shared.db.models import MAPPINGS_CHANNEL
-from shared.db.session import create_engine, libpq_url, sessionmaker
 from shared.errors import error_body
 from shared.kafka import make_producer
 from shared.logs import EventLog, setup_logging
@@ -515,15 +515,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine = create_engine(settings, pool_size=2)
-        sessions = sessionmaker(engine)
+        connections = Connections(libpq_url(settings), size=2)
         topics = Topics.from_settings(settings)
         try:
             spool = await AsyncSpool.open(
                 Path(settings.spool_dir), topics.raw, settings.spool_max_bytes, headroom=settings.max_body_bytes
             )
         except SpoolError:
-            await engine.dispose()
+            await connections.close()
             raise
         log.info("spool %s (%d waiting)", spool.path, spool.depth)
 
@@ -539,8 +538,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             max_inflight=settings.ingest_max_inflight,
             bootstrap=settings.kafka_bootstrap,
         )
-        secrets = SecretCache(sessions, settings.secret_cache_ttl_seconds)
-        legacy_tokens = LegacyTokenCache(sessions, settings.secret_cache_ttl_seconds)
+        secrets = SecretCache(connections, settings.secret_cache_ttl_seconds)
+        legacy_tokens = LegacyTokenCache(connections, settings.secret_cache_ttl_seconds)
         # Org and secret changes reach the caches by NOTIFY at once; the TTL is the fallback.
         listener = Listener(
             libpq_url(settings), MAPPINGS_CHANNEL, invalidator([secrets, legacy_tokens]), name="credentials"
@@ -554,7 +553,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 yield
         finally:
             await publisher.close()
-            await engine.dispose()
+            await connections.close()
 
     return build_app(lifespan)
 

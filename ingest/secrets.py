@@ -15,9 +15,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.orgs import legacy_token_hash, org_secrets
+from shared.credentials import Connections, legacy_token_hash, org_secrets
 from shared.secrets import KeyRing, key_ring
 
 log = logging.getLogger("blametrail.ingest")
@@ -35,7 +34,7 @@ CREDENTIAL_TABLES = frozenset({"organizations", "sentry_integrations"})
 
 
 class OrgCache(Generic[V]):
-    """``get(org)`` → ``load(session, org)``, cached for ``ttl`` seconds per org or until :meth:`invalidate`.
+    """``get(org)`` → ``load(connections, org)``, cached for ``ttl`` seconds per org or until :meth:`invalidate`.
 
     Misses (unknown orgs, None) are cached too, so a flood of bad URLs cannot turn into a flood of
     queries; concurrent misses of one org share one query. When the database fails or takes longer
@@ -45,12 +44,12 @@ class OrgCache(Generic[V]):
 
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        connections: Connections,
         ttl: float,
-        load: Callable[[AsyncSession, str], Awaitable[V]],
+        load: Callable[[Connections, str], Awaitable[V]],
         wait: float = LOAD_WAIT_SECONDS,
     ) -> None:
-        self._sessions = sessions
+        self._connections = connections
         self._ttl = ttl
         self._load = load
         self._wait = wait
@@ -95,8 +94,7 @@ class OrgCache(Generic[V]):
                 return entry[2]
             generation = self._generation
             try:
-                async with self._sessions() as session:
-                    value = await self._load(session, org)
+                value = await self._load(self._connections, org)
             finally:
                 self._locks.pop(org, None)
             if len(self._entries) > MAX_ENTRIES:
@@ -113,20 +111,20 @@ class SecretCache(OrgCache[tuple[str, ...] | None]):
     at startup. A value no key opens fails the load like a database error (a stale entry is served).
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], ttl: float, keys: KeyRing | None = None) -> None:
+    def __init__(self, connections: Connections, ttl: float, keys: KeyRing | None = None) -> None:
         ring = keys or key_ring()
 
-        async def load(session: AsyncSession, org: str) -> tuple[str, ...] | None:
-            return await org_secrets(session, org, ring)
+        async def load(connections: Connections, org: str) -> tuple[str, ...] | None:
+            return await org_secrets(connections, org, ring)
 
-        super().__init__(sessions, ttl, load)
+        super().__init__(connections, ttl, load)
 
 
 class LegacyTokenCache(OrgCache[str | None]):
     """Hex SHA-256 of the org's legacy WebHooks plugin token, or None when unknown or turned off."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], ttl: float) -> None:
-        super().__init__(sessions, ttl, legacy_token_hash)
+    def __init__(self, connections: Connections, ttl: float) -> None:
+        super().__init__(connections, ttl, legacy_token_hash)
 
 
 def concerns_credentials(payload: str | None) -> bool:

@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from router.cache import IssueProjects, MappingCache
 from router.consumer import Delivery, with_issue_project
 from router.routing import Decision, route
+from shared.db.conninfo import libpq_url
 from shared.db.models import AuditRecord, Service
-from shared.db.session import libpq_url
 from shared.settings import Settings
 
 _BATCH = 500

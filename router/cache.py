@@ -31,8 +31,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from router.routing import MappingEntry, OrgMappings
 from shared import metrics
+from shared.db.conninfo import MAPPINGS_CHANNEL
 from shared.db.listen import Listener
-from shared.db.models import MAPPINGS_CHANNEL, Organization, SentryIssueProject, SentryProjectMapping
+from shared.db.models import Organization, SentryIssueProject, SentryProjectMapping
 from shared.sentry import ProjectRef
 
 log = logging.getLogger("blametrail.router.cache")

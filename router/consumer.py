@@ -24,7 +24,8 @@ from router.cache import IssueProjects, MappingCache
 from router.routing import OrgMappings, route
 from shared import events, metrics
 from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Retry, Step
-from shared.db.session import create_engine, libpq_url, sessionmaker
+from shared.db.conninfo import libpq_url
+from shared.db.session import create_engine, sessionmaker
 from shared.kafka import Headers, header_map, make_consumer, make_producer, partition_for
 from shared.logs import EventLog
 from shared.producer import Producer, RecordBatch, RenewableProducer, acknowledged

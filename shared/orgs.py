@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.db.models import ApiToken, Organization, SentryIntegration
 from shared.errors import conflict, invalid, not_found
 from shared.mappings import check_slug
-from shared.secrets import KeyRing, SecretError, decrypt_secret, encrypt_secret, reencrypt_secret
+from shared.secrets import KeyRing, SecretError, encrypt_secret, reencrypt_secret
 from shared.security import hash_token, new_api_token, new_client_secret, new_legacy_token
 
 
@@ -63,20 +63,6 @@ async def rotate_secret(session: AsyncSession, slug: str, secret: str | None = N
     integration.rotated_at = func.now()
     await session.flush()
     return secret
-
-
-async def org_secrets(session: AsyncSession, slug: str, keys: KeyRing | None = None) -> tuple[str, ...] | None:
-    """The secrets a webhook of ``slug`` may be signed with (decrypted), or None for an unknown org."""
-    row = (
-        await session.execute(
-            select(SentryIntegration.client_secret, SentryIntegration.previous_client_secret)
-            .join(Organization, Organization.id == SentryIntegration.org_id)
-            .where(Organization.slug == slug)
-        )
-    ).one_or_none()
-    if row is None:
-        return None
-    return tuple(decrypt_secret(s, keys) for s in row if s)
 
 
 def convert_stored_secrets(connection: Connection, convert: Callable[[str], str]) -> int:
@@ -135,13 +121,3 @@ async def disable_legacy_plugin(session: AsyncSession, slug: str) -> None:
     if integration is not None:
         integration.legacy_plugin_token = None
         await session.flush()
-
-
-async def legacy_token_hash(session: AsyncSession, slug: str) -> str | None:
-    """Hex SHA-256 of the org's legacy plugin token, or None when the org is unknown or has it off."""
-    value: str | None = await session.scalar(
-        select(SentryIntegration.legacy_plugin_token)
-        .join(Organization, Organization.id == SentryIntegration.org_id)
-        .where(Organization.slug == slug)
-    )
-    return value

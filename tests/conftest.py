@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from shared.credentials import Connections
+from shared.db.conninfo import libpq_url
 from shared.db.session import create_engine, sessionmaker
 from shared.settings import Settings
 
@@ -66,6 +68,14 @@ async def topics(migrated: Settings) -> Settings:
 
     await create_topics(migrated)
     return migrated
+
+
+@pytest.fixture(scope="session")
+async def credentials(migrated: Settings) -> AsyncIterator[Connections]:
+    """What ingest reads credentials through (plain psycopg), on the test database."""
+    connections = Connections(libpq_url(migrated))
+    yield connections
+    await connections.close()
 
 
 @pytest.fixture(scope="module")

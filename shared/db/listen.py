@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 import psycopg
 from psycopg import sql
 
-from shared.db.session import DB_CONNECT_TIMEOUT
+from shared.db.conninfo import DB_CONNECT_TIMEOUT
 
 log = logging.getLogger("blametrail.db.listen")
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
+from shared.db.conninfo import DB_CONNECT_TIMEOUT
 from shared.settings import Settings
-
-# Seconds (libpq's ``connect_timeout``, at least 2) before a connect to a database host that does not
-# answer fails: without it the OS gives up after minutes, and a request or a LISTEN waits that long.
-DB_CONNECT_TIMEOUT = 5
 
 
 def create_engine(
@@ -28,14 +25,3 @@ def create_engine(
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:  # type: ignore[type-arg]
     return async_sessionmaker(engine, expire_on_commit=False)
-
-
-def libpq_url(settings: Settings) -> str:
-    """The database URL as psycopg itself takes it (without SQLAlchemy's driver suffix)."""
-    return as_libpq(settings.database_url)
-
-
-def as_libpq(url: str) -> str:
-    """A SQLAlchemy PostgreSQL URL (``postgresql+psycopg://…``) as libpq takes it."""
-    scheme, sep, rest = url.partition("://")
-    return f"postgresql://{rest}" if sep and scheme.startswith("postgresql") else url

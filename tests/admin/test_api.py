@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from shared.db.models import MAPPINGS_CHANNEL, AuditRecord, Incident, IncidentEvent, SentryProjectMapping
-from shared.db.session import libpq_url
+from shared.db.conninfo import MAPPINGS_CHANNEL, libpq_url
+from shared.db.models import AuditRecord, Incident, IncidentEvent, SentryProjectMapping
 from shared.settings import Settings
 from tests.admin.conftest import Org, error
 

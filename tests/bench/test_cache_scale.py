@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 
 from bench import cache_scale
-from shared.db.session import libpq_url
+from shared.db.conninfo import libpq_url
 from shared.settings import Settings
 
 

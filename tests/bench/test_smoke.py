@@ -14,7 +14,7 @@ from typing import Any
 
 from bench import latency, run_all
 from bench.harness import Target
-from shared.db.session import libpq_url
+from shared.db.conninfo import libpq_url
 from shared.settings import Settings
 from tests.support.stack import running_stack
 

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from router.cache import MappingCache, _changed_org
-from shared.db.session import libpq_url
+from shared.db.conninfo import libpq_url
 from shared.mappings import add_mapping, create_service, delete_mapping, edit_mapping
 from shared.orgs import create_org
 from shared.settings import Settings

@@ -16,9 +16,10 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ingest.secrets import SecretCache
+from shared.credentials import Connections, org_secrets
 from shared.db.migrate import alembic_config, upgrade
 from shared.db.models import Organization, SentryIntegration
-from shared.orgs import convert_stored_secrets, get_org, org_secrets
+from shared.orgs import convert_stored_secrets, get_org
 from shared.secrets import (
     DEVELOPMENT_KEY,
     PREFIX,
@@ -131,7 +132,7 @@ async def stored_secrets(sessions: async_sessionmaker[AsyncSession], slug: str) 
 
 @pytest.mark.integration
 async def test_the_database_holds_no_plain_secret_and_ingest_still_verifies(
-    migrated: Settings, sessions: async_sessionmaker[AsyncSession], unique_slug: str
+    migrated: Settings, sessions: async_sessionmaker[AsyncSession], credentials: Connections, unique_slug: str
 ) -> None:
     created = blametrail(migrated, "org", "create", unique_slug)["client_secret"]
     assert isinstance(created, str)
@@ -145,7 +146,7 @@ async def test_the_database_holds_no_plain_secret_and_ingest_still_verifies(
     assert not {created, given} & set(stored_now) and not any(created in v or given in v for v in stored_now)
 
     # Ingest's cache decrypts when it loads; webhooks signed with either secret verify.
-    cache = SecretCache(sessions, ttl=60)
+    cache = SecretCache(credentials, ttl=60)
     secrets = await cache.get(unique_slug)
     assert secrets == (given, created)
     body = b'{"action": "created"}'
@@ -156,15 +157,14 @@ async def test_the_database_holds_no_plain_secret_and_ingest_still_verifies(
 
 @pytest.mark.integration
 async def test_a_plain_row_written_during_a_rolling_deploy_is_still_read(
-    sessions: async_sessionmaker[AsyncSession], unique_slug: str
+    sessions: async_sessionmaker[AsyncSession], credentials: Connections, unique_slug: str
 ) -> None:
     async with sessions() as session, session.begin():
         org = Organization(slug=unique_slug, name=unique_slug)
         session.add(org)
         await session.flush()
         session.add(SentryIntegration(org_id=org.id, client_secret=SECRET))
-    async with sessions() as session:
-        assert await org_secrets(session, unique_slug) == (SECRET,)
+    assert await org_secrets(credentials, unique_slug) == (SECRET,)
 
 
 # --- a scratch database: migration 0006 and reencrypt-secrets --------------------------------------
