@@ -20,7 +20,7 @@ import collections
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -91,9 +91,8 @@ class AsyncSpool:
         """Whether a row of ``key`` may be in the spool or on its way there (see the module docstring)."""
         return not self._keys_known or self._keys[key] > 0
 
-    def _forget(self, rows: Sequence[SpoolRow]) -> None:
-        for row in rows:
-            key = row.record.key
+    def _forget(self, keys: Iterable[bytes]) -> None:
+        for key in keys:
             if self._keys[key] > 1:
                 self._keys[key] -= 1
             else:
@@ -142,10 +141,10 @@ class AsyncSpool:
         try:
             await future
         except SpoolFull:
-            self._forget([SpoolRow(0, record)])  # not stored
+            self._forget([record.key])  # not stored
             raise
         except BaseException:
-            self._forget([SpoolRow(0, record)])
+            self._forget([record.key])
             self._keys_known = False  # stored or not, nobody knows: every key may be held until empty
             raise
 
@@ -176,11 +175,11 @@ class AsyncSpool:
 
     async def delete(self, rows: Sequence[SpoolRow]) -> None:
         await self._run(functools.partial(self._spool.delete, rows))
-        self._forget(rows)
+        self._forget(row.record.key for row in rows)
 
     async def park(self, rows: Sequence[SpoolRow], reason: str) -> None:
         await self._run(functools.partial(self._spool.park, rows, reason))
-        self._forget(rows)
+        self._forget(row.record.key for row in rows)
 
     async def adopt_orphans(self) -> int:
         try:

@@ -75,7 +75,6 @@ class Publisher:
         self._timeout = publish_timeout
         self._max_inflight = max_inflight
         self._inflight = 0
-        self._spool_pending = 0
         self._healthy = True  # the last direct send was acknowledged (not timed out, not failed)
         self._failed_at = -PROBE_INTERVAL  # when a direct send last timed out or failed (monotonic)
         self._probing = False  # a direct send around a non-empty spool is testing an unhealthy Kafka
@@ -99,7 +98,7 @@ class Publisher:
     def _direct_allowed(self, key: bytes) -> bool:
         if self.producers.usable is None or self._inflight >= self._max_inflight:
             return False
-        if self.spool.depth == 0 and self._spool_pending == 0 and self.spool.idle:
+        if self.spool.depth == 0 and self.spool.idle:
             return True
         if self.spool.may_hold(key):
             return False
@@ -178,9 +177,5 @@ class Publisher:
         return True
 
     async def _to_spool(self, record: RawRecord) -> None:
-        self._spool_pending += 1
-        try:
-            await self.spool.append(record)
-        finally:
-            self._spool_pending -= 1
+        await self.spool.append(record)
         self._drainer.wake()

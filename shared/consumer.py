@@ -57,7 +57,7 @@ from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from shared import metrics
 from shared.events import H_DELIVERY_ID
-from shared.kafka import dead_letter_headers, header_map
+from shared.kafka import dead_letter_headers, header_value
 from shared.producer import Producer, RenewableProducer, acknowledged, is_broken, retrieve
 from shared.settings import Settings
 from shared.topics import Topics
@@ -396,7 +396,7 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             for letter in dead:
                 record = letter.record
-                delivery = header_map(record.headers or ()).get(H_DELIVERY_ID)
+                delivery = header_value(record.headers or (), H_DELIVERY_ID)
                 log.warning("dead-lettering %s[%d]@%d (%s): %s", record.topic, record.partition, record.offset,
                             letter.stage, letter.error, extra={"delivery_id": delivery, "org": letter.org})  # fmt: skip
                 headers = dead_letter_headers(

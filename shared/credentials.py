@@ -39,26 +39,25 @@ class Connections:
 
     async def fetchone(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
         async with self._slots:
-            for _ in range(2):
-                conn = self._idle.pop() if self._idle else None
-                reused = conn is not None
-                if conn is None:
-                    conn = await psycopg.AsyncConnection.connect(
-                        self._url, autocommit=True, connect_timeout=self._connect_timeout
-                    )
-                try:
-                    row: tuple[Any, ...] | None = await (await conn.execute(query, params)).fetchone()
-                except psycopg.OperationalError:
-                    await _drop(conn)
-                    if reused:
-                        continue  # it died while idle: once more on a new connection
-                    raise
-                except BaseException:
-                    await _drop(conn)
-                    raise
-                self._idle.append(conn)
-                return row
-        raise AssertionError("unreachable")  # pragma: no cover
+            if self._idle:
+                with contextlib.suppress(psycopg.OperationalError):  # it died while idle: a new one
+                    return await self._fetchone(self._idle.pop(), query, params)
+            conn = await psycopg.AsyncConnection.connect(
+                self._url, autocommit=True, connect_timeout=self._connect_timeout
+            )
+            return await self._fetchone(conn, query, params)
+
+    async def _fetchone(
+        self, conn: psycopg.AsyncConnection[Any], query: str, params: tuple[Any, ...]
+    ) -> tuple[Any, ...] | None:
+        """The query's row on ``conn``; ``conn`` goes back to the idle ones, or is dropped if it failed."""
+        try:
+            row: tuple[Any, ...] | None = await (await conn.execute(query, params)).fetchone()
+        except BaseException:
+            await _drop(conn)
+            raise
+        self._idle.append(conn)
+        return row
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
