@@ -60,6 +60,7 @@ from shared.errors import error_body
 from shared.kafka import make_producer
 from shared.logs import EventLog, setup_logging
 from shared.producer import Producer
+from shared.runtime import tune_gc
 from shared.security import hash_token, signature_matches
 from shared.sentry import KNOWN_RESOURCES, LEGACY, is_valid_slug, raw_record_key
 from shared.settings import Settings, get_settings
@@ -550,6 +551,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await publisher.start()
         try:
             async with listener.running():
+                tune_gc()  # started: what startup built is never scanned again
                 yield
         finally:
             await publisher.close()

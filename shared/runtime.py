@@ -1,8 +1,9 @@
-"""Process plumbing for the consumer services: signals and the metrics endpoint."""
+"""Process plumbing for the services: signals, the metrics endpoint, garbage collection."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 import signal
@@ -17,6 +18,23 @@ def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` on ``port`` (0 disables it)."""
     if port:
         start_http_server(port, addr=host)
+
+
+# CPython collects its youngest generation every 700 net container allocations by default. Every
+# webhook allocates hundreds (header lists, dicts, futures, pydantic models), so at 1,000/s ingest
+# and the writer spent 7 to 19 % of their CPU in the collector (measured with ``gc.callbacks``), and a
+# full collection walked every object alive since startup, a pause in the ack path. Almost all of
+# that garbage is freed by reference counting anyway; the collector is only there for cycles.
+GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Call once a service has started: what startup built (modules, settings, caches) is frozen out
+    of every later collection, and the youngest generation is collected every ``GC_THRESHOLDS[0]``
+    net allocations instead of 700. Cyclic garbage still goes, in fewer, larger collections."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def dump_tasks() -> str:
@@ -39,6 +57,7 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> Non
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("task dump (SIGUSR1)\n%s", dump_tasks()))
+        tune_gc()
         await main(stop)
 
     asyncio.run(runner())
