@@ -8,9 +8,10 @@ it; ``incident_writer.store`` reads the state, calls it, and writes the result.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import NamedTuple
 
 from shared import sentry
 from shared.db.models import IncidentStatus
@@ -94,12 +95,12 @@ def escalate(current: str | None, new: str | None) -> str | None:
     return new if rank(new) > rank(current) else current
 
 
-@dataclass(frozen=True)
-class Touch:
+class Touch(NamedTuple):
     """One event for one incident, as the rules see it.
 
     ``seen_at`` is when it happened (Sentry's time, else when ingest received it); ``title`` is the
-    title an incident opened by this event gets.
+    title an incident opened by this event gets. (Touch and IncidentState are named tuples: the writer
+    makes one of each per event, and a frozen dataclass took 4-5x as long to build.)
     """
 
     delivery_id: str
@@ -114,8 +115,7 @@ class Touch:
     project_slug: str | None = None
 
 
-@dataclass(frozen=True)
-class IncidentState:
+class IncidentState(NamedTuple):
     """The columns of an incident that events change."""
 
     status: str
@@ -180,8 +180,7 @@ def _step(current: IncidentState | None, touch: Touch) -> tuple[IncidentState, C
         if status == RESOLVED and not _before_resolution(current, touch):
             status = OPEN
         change = Change.REOPENED if status != current.status else Change.UPDATED
-        return replace(
-            current,
+        return current._replace(
             status=status,
             resolved_at=current.resolved_at if status == RESOLVED else None,
             event_count=current.event_count + 1,
@@ -194,11 +193,11 @@ def _step(current: IncidentState | None, touch: Touch) -> tuple[IncidentState, C
         ), change
     assert current is not None, "only an occurrence can open an incident"
     if touch.action is IncidentAction.RESOLVE and current.status != RESOLVED:
-        return replace(current, status=RESOLVED, resolved_at=touch.received_at), Change.RESOLVED
+        return current._replace(status=RESOLVED, resolved_at=touch.received_at), Change.RESOLVED
     if touch.action is IncidentAction.REOPEN and current.status != OPEN:
-        return replace(current, status=OPEN, resolved_at=None), Change.REOPENED
+        return current._replace(status=OPEN, resolved_at=None), Change.REOPENED
     if touch.action is IncidentAction.ARCHIVE and current.status != ARCHIVED:
-        return replace(current, status=ARCHIVED, resolved_at=None), Change.ARCHIVED
+        return current._replace(status=ARCHIVED, resolved_at=None), Change.ARCHIVED
     return current, Change.ATTACHED
 
 

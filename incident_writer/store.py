@@ -34,12 +34,14 @@ else is the database's state (the caller retries).
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from typing import cast as typed
 
 import orjson
@@ -160,8 +162,7 @@ class _Locked:
     state: IncidentState
 
 
-@dataclass(frozen=True)
-class _New:
+class _New(NamedTuple):
     """A new event (its audit record was inserted now) that belongs to an incident."""
 
     audit_id: int
@@ -391,7 +392,7 @@ _STATE_COLUMNS = (
     INCIDENTS.c.sentry_project_slug,
 )
 _STATE_NAMES = tuple(c.name for c in _STATE_COLUMNS)
-assert _STATE_NAMES == tuple(IncidentState.__dataclass_fields__), "IncidentState(*row) reads the columns in order"
+assert _STATE_NAMES == IncidentState._fields, "IncidentState(*row) reads the columns in order"
 
 _WANTED = _rows(INCIDENTS, ("service_id", "incident_key"))
 _LOCK = _sql(
@@ -505,9 +506,14 @@ def _audit_sort_key(row: dict[str, object]) -> tuple[str, str]:
 
 def _event_row(event: OutputEvent, names: tuple[str, ...], **columns: object) -> dict[str, object]:
     """A row of ``event``'s attributes ``names`` plus ``columns``."""
-    row = {name: getattr(event, name) for name in names}
+    row = dict(zip(names, _getter(names)(event), strict=True))
     row.update(columns)
     return row
+
+
+@functools.cache
+def _getter(names: tuple[str, ...]) -> Callable[[object], tuple[Any, ...]]:
+    return typed(Callable[[object], tuple[Any, ...]], operator.attrgetter(*names))
 
 
 def _audit_row(event: OutputEvent, org_id: int | None, existing: dict[IncidentKey, _Locked]) -> dict[str, object]:
@@ -638,7 +644,7 @@ def _updates(
 
 
 def _state_values(state: IncidentState) -> dict[str, object]:
-    return {name: getattr(state, name) for name in _STATE_NAMES}
+    return state._asdict()
 
 
 _TIMELINE_FROM_EVENT = (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -55,7 +54,7 @@ def state(**changes: object) -> IncidentState:
         sentry_issue_id="1",
         sentry_project_slug="proj",
     )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    return base._replace(**changes)  # type: ignore[arg-type]
 
 
 def test_first_occurrence_opens_with_the_events_fields() -> None:
