@@ -40,7 +40,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.harness import PAYLOADS, cpu_seconds
 from bench.saturation import free_port
 from bench.stack import read_env
+from incident_writer.store import AUDIT_COLUMNS
 from shared import events
+from shared.db.conninfo import as_libpq
 from shared.kafka import create_topics, make_producer
 from shared.settings import Settings
 from shared.topics import Topics
@@ -173,20 +175,12 @@ def service_drain(
         process.wait(30)
 
 
-# The audit columns the writer fills (``id`` and ``processed_at`` take their defaults).
-AUDIT_COPY_COLUMNS = (
-    "delivery_id", "project_slug", "org_id", "org_slug", "resource", "action", "outcome", "reason", "service_id",
-    "mapping_id", "incident_id", "sentry_issue_id", "title", "received_at", "raw_topic", "raw_partition",
-    "raw_offset", "renamed_from", "replay_id", "flags",
-)  # fmt: skip
-
-
 def copy_ceiling(database_url: str, raw_topic: str) -> dict[str, float]:
     """``COPY`` of the audit rows the writer wrote for ``raw_topic`` into ``audit_records`` again (a
     distinct delivery id each): the same rows into the same table, with its indexes, constraints and
     WAL, committed. The copies are deleted afterwards."""
-    conninfo = database_url.replace("postgresql+psycopg://", "postgresql://")
-    columns = ", ".join(AUDIT_COPY_COLUMNS)
+    conninfo = as_libpq(database_url)
+    columns = ", ".join(AUDIT_COLUMNS)
     with psycopg.connect(conninfo) as conn:
         rows = conn.execute(f"SELECT {columns} FROM audit_records WHERE raw_topic = %s", (raw_topic,)).fetchall()
         copies = [("c" + str(row[0])[:63], *row[1:]) for row in rows]

@@ -226,8 +226,8 @@ class WriterStep(Step):
 
     def retrying(self, failure: Retry, delay: float) -> None:
         metrics.WRITER_RETRIES.labels(reason=failure.reason).inc()
-        if failure.reason == "kafka":  # dead letters Kafka did not take (yet)
-            log.warning("%s; retrying in %.1fs", failure.message, delay)
+        if failure.reason == "kafka":  # the runtime's: a producer that did not start, dead letters not taken
+            super().retrying(failure, delay)
         elif failure.reason == "conflict":
             log.info("batch conflicted with another writer (%s); retrying in %.1fs", failure.message, delay)
         elif self._unavailable_since is None:

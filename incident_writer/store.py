@@ -34,11 +34,10 @@ else is the database's state (the caller retries).
 
 from __future__ import annotations
 
-import functools
 import operator
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -454,15 +453,16 @@ _AUDIT_FROM_EVENT = (
     "renamed_from",
     "replay_id",
 )
+_AUDIT_GET = operator.attrgetter(*_AUDIT_FROM_EVENT)
 # What an ignored → routed upgrade takes from the new event.
 _UPGRADED_COLUMNS = ("outcome", "reason", "service_id", "mapping_id", "incident_id", "renamed_from", "replay_id")
-_AUDIT_COLUMNS = (*_AUDIT_FROM_EVENT, "org_id", "org_slug", "reason", "raw_topic", "raw_partition", "raw_offset",
+AUDIT_COLUMNS = (*_AUDIT_FROM_EVENT, "org_id", "org_slug", "reason", "raw_topic", "raw_partition", "raw_offset",
                   "incident_id", "flags")  # fmt: skip
 
 
 def _insert_audit_statement() -> str:
-    source = _rows(AUDIT, _AUDIT_COLUMNS)
-    insert_rows = insert(AUDIT).from_select(_AUDIT_COLUMNS, select(*_select_all(source, _AUDIT_COLUMNS)))
+    source = _rows(AUDIT, AUDIT_COLUMNS)
+    insert_rows = insert(AUDIT).from_select(AUDIT_COLUMNS, select(*_select_all(source, AUDIT_COLUMNS)))
     # An ignored delivery that routes now (a mapping added or enabled since, found by a replay or a
     # redelivery), or a failed one replayed after the fix, is upgraded in place, keeping what it
     # was; any other existing record stays as is.
@@ -504,16 +504,13 @@ def _audit_sort_key(row: dict[str, object]) -> tuple[str, str]:
     return (str(row["delivery_id"]), str(row["project_slug"] or ""))
 
 
-def _event_row(event: OutputEvent, names: tuple[str, ...], **columns: object) -> dict[str, object]:
-    """A row of ``event``'s attributes ``names`` plus ``columns``."""
-    row = dict(zip(names, _getter(names)(event), strict=True))
+def _event_row(
+    event: OutputEvent, names: tuple[str, ...], get: operator.attrgetter[Any], **columns: object
+) -> dict[str, object]:
+    """A row of ``event``'s attributes ``names`` (``get`` reads them) plus ``columns``."""
+    row = dict(zip(names, get(event), strict=True))
     row.update(columns)
     return row
-
-
-@functools.cache
-def _getter(names: tuple[str, ...]) -> Callable[[object], tuple[Any, ...]]:
-    return typed(Callable[[object], tuple[Any, ...]], operator.attrgetter(*names))
 
 
 def _audit_row(event: OutputEvent, org_id: int | None, existing: dict[IncidentKey, _Locked]) -> dict[str, object]:
@@ -522,6 +519,7 @@ def _audit_row(event: OutputEvent, org_id: int | None, existing: dict[IncidentKe
     return _event_row(
         event,
         _AUDIT_FROM_EVENT,
+        _AUDIT_GET,
         org_id=org_id,
         org_slug=event.org,
         reason=event.reason.value if isinstance(event, IgnoredEvent) else None,
@@ -658,6 +656,7 @@ _TIMELINE_FROM_EVENT = (
     "occurred_at",
     "received_at",
 )
+_TIMELINE_GET = operator.attrgetter(*_TIMELINE_FROM_EVENT)
 _TIMELINE_COLUMNS = ("incident_id", "change", *_TIMELINE_FROM_EVENT)
 _TIMELINE_SOURCE = _rows(TIMELINE, _TIMELINE_COLUMNS)
 _TIMELINE = _sql(
@@ -670,7 +669,7 @@ _LINKS = _sql(update(AUDIT).where(AUDIT.c.id == _LINKS_SOURCE.c.id).values(incid
 
 
 def _timeline_row(incident_id: int, event: RoutedEvent, change: Change) -> dict[str, object]:
-    return _event_row(event, _TIMELINE_FROM_EVENT, incident_id=incident_id, change=change.value)
+    return _event_row(event, _TIMELINE_FROM_EVENT, _TIMELINE_GET, incident_id=incident_id, change=change.value)
 
 
 @dataclass(frozen=True)

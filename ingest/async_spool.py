@@ -83,9 +83,10 @@ class AsyncSpool:
         return not self._closed and not self._failed and free >= max(self._headroom, 1)
 
     @property
-    def idle(self) -> bool:
-        """No append is queued or being written (a cancelled ``append`` may still be on its way)."""
-        return not self._queue and self._flusher is None
+    def empty(self) -> bool:
+        """No row waiting, and no append queued or being written (a cancelled ``append`` may still be
+        on its way)."""
+        return self._stats.depth == 0 and not self._queue and self._flusher is None
 
     def may_hold(self, key: bytes) -> bool:
         """Whether a row of ``key`` may be in the spool or on its way there (see the module docstring)."""
@@ -97,7 +98,7 @@ class AsyncSpool:
                 self._keys[key] -= 1
             else:
                 self._keys.pop(key, None)
-        if self._stats.depth == 0 and not self._queue and self._flusher is None:
+        if self.empty:
             # Empty, nothing on its way: from now on every row's key is one this process counts.
             self._keys.clear()
             self._keys_known = True

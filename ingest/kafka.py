@@ -1,13 +1,7 @@
-"""Ingest's producer factory and bootstrap addresses (the producer's interface, and closing one now,
-are ``shared.producer``'s: the router and the writer replace broken producers too)."""
+"""Ingest's bootstrap addresses (the producer's interface, its factory type, and closing one now, are
+``shared.producer``'s: the router and the writer replace broken producers too)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-
-from shared.producer import Producer
-
-ProducerFactory = Callable[[], Producer]
 
 
 def bootstrap_addresses(bootstrap: str) -> list[tuple[str, int]]:

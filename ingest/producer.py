@@ -24,9 +24,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from ingest.kafka import ProducerFactory, bootstrap_addresses
+from ingest.kafka import bootstrap_addresses
 from shared import metrics
-from shared.producer import START_TIMEOUT, Producer, dispose, is_broken, sender_alive
+from shared.producer import START_TIMEOUT, Producer, ProducerFactory, dispose, is_broken, sender_alive
 
 log = logging.getLogger("blametrail.ingest.producer")
 

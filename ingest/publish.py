@@ -35,12 +35,11 @@ from enum import StrEnum
 
 from ingest.async_spool import AsyncSpool
 from ingest.drain import Drainer
-from ingest.kafka import ProducerFactory
 from ingest.producer import ProducerSupervisor
 from ingest.record import RawRecord
 from ingest.spool_files import SpoolError
 from shared import metrics
-from shared.producer import retrieve
+from shared.producer import ProducerFactory, retrieve
 
 log = logging.getLogger("blametrail.ingest.publish")
 
@@ -98,7 +97,7 @@ class Publisher:
     def _direct_allowed(self, key: bytes) -> bool:
         if self.producers.usable is None or self._inflight >= self._max_inflight:
             return False
-        if self.spool.depth == 0 and self.spool.idle:
+        if self.spool.empty:
             return True
         if self.spool.may_hold(key):
             return False

@@ -307,9 +307,6 @@ class RouterStep(Step):
         metrics.MAPPING_CACHE_AGE.set(self.cache.age_seconds)
         return dead
 
-    def retrying(self, failure: Retry, delay: float) -> None:
-        log.warning("%s; retrying the batch in %.1fs", failure.message, delay)
-
 
 class Router:
     """The router service: the mapping cache, and the consumer runtime over :class:`RouterStep`."""

@@ -130,7 +130,10 @@ class Step:
         raise NotImplementedError
 
     def retrying(self, failure: Retry, delay: float) -> None:
-        """Called when an attempt raised :class:`Retry`, before waiting ``delay`` seconds."""
+        """Called when an attempt raised :class:`Retry`, before waiting ``delay`` seconds (also for the
+        runtime's own ``Retry("kafka")``: a replacement producer that did not start, dead letters
+        Kafka did not take). Logs it; steps add their metrics and wording."""
+        log.warning("%s; retrying the batch in %.1fs", failure.message, delay)
 
     def recovered(self) -> None:
         """Called when an attempt succeeds after one or more retries."""

@@ -82,6 +82,9 @@ class Producer(Protocol):
     async def partitions_for(self, topic: str) -> set[int]: ...
 
 
+ProducerFactory = Callable[[], Producer]
+
+
 def retrieve(future: asyncio.Future[object]) -> None:
     """Mark a future's exception as seen: an abandoned send's failure is expected, not news."""
     if not future.cancelled():
@@ -154,7 +157,7 @@ class RenewableProducer:
     ``blametrail_consumer_producer_restarts_total``.
     """
 
-    def __init__(self, factory: Callable[[], Producer], group: str) -> None:
+    def __init__(self, factory: ProducerFactory, group: str) -> None:
         self._factory = factory
         self._group = group
         self.current: Producer = factory()
@@ -181,14 +184,16 @@ class RenewableProducer:
             return
         if self._started:
             self._started = False
-            await dispose(self.current, DISPOSE_WITHIN)
-            self.current = self._factory()
+            await self._renew()
             metrics.CONSUMER_PRODUCER_RESTARTS.labels(group=self._group).inc()
         try:
             await asyncio.wait_for(self.current.start(), START_TIMEOUT)
         except BaseException:
-            await dispose(self.current, DISPOSE_WITHIN)  # a half-started producer is not started again
-            self.current = self._factory()
+            await self._renew()  # a half-started producer is not started again
             raise
         self._started = True
         self._reason = None
+
+    async def _renew(self) -> None:
+        await dispose(self.current, DISPOSE_WITHIN)
+        self.current = self._factory()

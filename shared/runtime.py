@@ -29,8 +29,9 @@ GC_THRESHOLDS = (50_000, 20, 20)
 
 
 def tune_gc() -> None:
-    """Call once a service has started: what startup built (modules, settings, caches) is frozen out
-    of every later collection, and the youngest generation is collected every ``GC_THRESHOLDS[0]``
+    """Call once per process, after its imports (the consumers: before ``main``; ingest: once its
+    lifespan has started): what was built by then (modules, settings, clients) is frozen out of every
+    later collection, and the youngest generation is collected every ``GC_THRESHOLDS[0]``
     net allocations instead of 700. Cyclic garbage still goes, in fewer, larger collections."""
     gc.collect()
     gc.freeze()

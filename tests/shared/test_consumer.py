@@ -104,9 +104,9 @@ class FakeConsumer:
 class FakeProducer:
     """Acknowledges every send at once, unless ``failures`` holds an error for it."""
 
-    def __init__(self, consumer: FakeConsumer, failures: list[BaseException] | None = None) -> None:
+    def __init__(self, consumer: FakeConsumer) -> None:
         self.consumer = consumer
-        self.failures = failures if failures is not None else []
+        self.failures: list[BaseException] = []
         self.sent: list[tuple[str, bytes, dict[str, bytes]]] = []
         self.started = self.stopped = False
 
