@@ -78,6 +78,7 @@ def make_consumer(
         max_partition_fetch_bytes=settings.kafka_max_message_bytes,
         fetch_max_bytes=max(52428800, settings.kafka_max_message_bytes),
         isolation_level="read_committed",
+        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
     )
 
 

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     # Consumers
     consumer_batch_max: int = Field(default=500, ge=1)
     consumer_batch_timeout_ms: int = Field(default=200, ge=1)
+    # How long the broker may hold a consumer's fetch for partitions with no new records. aiokafka
+    # sends one fetch at a time per broker, and not for partitions whose records are still waiting
+    # to be processed: a fetch for only the idle ones (the writer's ignored topic while it works
+    # through routed records) holds every other partition back this long. Kafka's 500 ms put the
+    # writer 0.5 s behind at 1,000/s; an idle consumer costs one empty fetch per this interval.
+    consumer_fetch_max_wait_ms: int = Field(default=100, ge=1, le=500)
     # At a rebalance, how long to let the in-flight batch commit before abandoning it (it is then
     # redelivered). Keep it well below the group's rebalance timeout (aiokafka: the 10 s session timeout).
     consumer_revoke_wait_seconds: float = Field(default=3.0, ge=0)
