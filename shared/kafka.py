@@ -79,6 +79,7 @@ def make_consumer(
         fetch_max_bytes=max(52428800, settings.kafka_max_message_bytes),
         isolation_level="read_committed",
         fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
+        fetch_min_bytes=settings.consumer_fetch_min_bytes,
     )
 
 
