@@ -31,10 +31,6 @@ PROCESSING_SECONDS = 0.7
 BOUND_SECONDS = 0.25
 
 
-def test_the_default_hold_is_well_below_kafkas() -> None:
-    assert Settings().consumer_fetch_max_wait_ms <= 100
-
-
 async def test_records_of_a_busy_topic_are_not_held_back_by_an_idle_one(topics: Settings) -> None:
     settings = topics.model_copy(update={"topic_prefix": f"fetch-{uuid.uuid4().hex[:8]}."})
     await create_topics(settings, 1)
