@@ -93,6 +93,8 @@ async def passthrough(settings: Settings, source: str, target: str, count: int) 
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=BATCH,
+        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,  # as the router's (shared.kafka.make_consumer)
+        fetch_min_bytes=settings.consumer_fetch_min_bytes,
     )
     producer = make_producer(settings, client_id="bench-passthrough")
     await consumer.start()

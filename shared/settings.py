@@ -83,15 +83,11 @@ class Settings(BaseSettings):
     # Consumers
     consumer_batch_max: int = Field(default=500, ge=1)
     consumer_batch_timeout_ms: int = Field(default=200, ge=1)
-    # How long the broker may hold a consumer's fetch for partitions with no new records. aiokafka
-    # sends one fetch at a time per broker, and not for partitions whose records are still waiting
-    # to be processed: a fetch for only the idle ones (the writer's ignored topic while it works
-    # through routed records) holds every other partition back this long. Kafka's 500 ms put the
-    # writer 0.5 s behind at 1,000/s; an idle consumer costs one empty fetch per this interval.
+    # How long the broker may hold a consumer's fetch for partitions with no new records: a fetch for
+    # idle partitions holds back the busy ones this long (why: docs/benchmarks.md, fifth session).
     consumer_fetch_max_wait_ms: int = Field(default=100, ge=1, le=500)
-    # The broker answers a fetch once this much is there (or the wait above is over): under load the
-    # router and writer take fewer, larger batches (at 1,000/s: 7 % less CPU for the whole stack,
-    # router and writer 20 % less); a lone record waits at most consumer_fetch_max_wait_ms a hop.
+    # The broker answers a fetch once this much is there, or when the wait above is over: fewer,
+    # larger batches under load.
     consumer_fetch_min_bytes: int = Field(default=16 * 1024, ge=1)
     # At a rebalance, how long to let the in-flight batch commit before abandoning it (it is then
     # redelivered). Keep it well below the group's rebalance timeout (aiokafka: the 10 s session timeout).
