@@ -28,7 +28,7 @@ from shared.db.conninfo import libpq_url
 from shared.db.session import create_engine, sessionmaker
 from shared.kafka import Headers, header_map, make_consumer, make_producer, partition_for
 from shared.logs import EventLog
-from shared.producer import Producer, RecordBatch, RenewableProducer, acknowledged
+from shared.producer import Producer, RecordBatch, RenewableProducer, acknowledged, retrieve
 from shared.sentry import ParsedWebhook, parse_webhook
 from shared.settings import Settings
 from shared.topics import Topics
@@ -226,10 +226,12 @@ async def produce(producer: Producer, outputs: list[Output]) -> None:
         builder = open_batches.pop((topic, partition))
         builder.close()
         futures.append(await producer.send_batch(builder, topic, partition=partition))
+        futures[-1].add_done_callback(retrieve)  # if a later send raises, nobody awaits this one
 
     for out in outputs:
         if out.key is None:
             futures.append(await producer.send(out.topic, value=out.value, headers=out.headers))
+            futures[-1].add_done_callback(retrieve)
             continue
         topic_partitions = partitions.get(out.topic)
         if topic_partitions is None:
@@ -244,6 +246,7 @@ async def produce(producer: Producer, outputs: list[Output]) -> None:
             if builder.append(timestamp=None, key=out.key, value=out.value, headers=out.headers) is None:
                 open_batches.pop(target)  # larger than a batch: on its own
                 futures.append(await producer.send(out.topic, value=out.value, key=out.key, headers=out.headers))
+                futures[-1].add_done_callback(retrieve)
     for target in list(open_batches):
         await submit(*target)
     await acknowledged(producer, futures)
