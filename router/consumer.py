@@ -28,7 +28,7 @@ from shared.db.conninfo import libpq_url
 from shared.db.session import create_engine, sessionmaker
 from shared.kafka import Headers, header_map, make_consumer, make_producer, partition_for
 from shared.logs import EventLog
-from shared.producer import Producer, RecordBatch, RenewableProducer, acknowledged, retrieve
+from shared.producer import Producer, RecordBatch, RenewableProducer, acknowledged, track
 from shared.sentry import ParsedWebhook, parse_webhook
 from shared.settings import Settings
 from shared.topics import Topics
@@ -225,13 +225,11 @@ async def produce(producer: Producer, outputs: list[Output]) -> None:
     async def submit(topic: str, partition: int) -> None:
         builder = open_batches.pop((topic, partition))
         builder.close()
-        futures.append(await producer.send_batch(builder, topic, partition=partition))
-        futures[-1].add_done_callback(retrieve)  # if a later send raises, nobody awaits this one
+        track(futures, await producer.send_batch(builder, topic, partition=partition))
 
     for out in outputs:
         if out.key is None:
-            futures.append(await producer.send(out.topic, value=out.value, headers=out.headers))
-            futures[-1].add_done_callback(retrieve)
+            track(futures, await producer.send(out.topic, value=out.value, headers=out.headers))
             continue
         topic_partitions = partitions.get(out.topic)
         if topic_partitions is None:
@@ -245,8 +243,7 @@ async def produce(producer: Producer, outputs: list[Output]) -> None:
             builder = open_batches[target] = producer.create_batch()
             if builder.append(timestamp=None, key=out.key, value=out.value, headers=out.headers) is None:
                 open_batches.pop(target)  # larger than a batch: on its own
-                futures.append(await producer.send(out.topic, value=out.value, key=out.key, headers=out.headers))
-                futures[-1].add_done_callback(retrieve)
+                track(futures, await producer.send(out.topic, value=out.value, key=out.key, headers=out.headers))
     for target in list(open_batches):
         await submit(*target)
     await acknowledged(producer, futures)

@@ -58,7 +58,7 @@ from aiokafka.structs import ConsumerRecord, RecordMetadata
 from shared import metrics
 from shared.events import H_DELIVERY_ID
 from shared.kafka import dead_letter_headers, header_value
-from shared.producer import Producer, RenewableProducer, acknowledged, is_broken, retrieve
+from shared.producer import Producer, RenewableProducer, acknowledged, is_broken, track
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -413,8 +413,7 @@ class ConsumerRuntime(ConsumerRebalanceListener):  # type: ignore[misc]
                 future = await self.producer.send(
                     self.config.dlq_topic, value=record.value or b"", key=record.key, headers=headers
                 )
-                future.add_done_callback(retrieve)  # if a later send raises, nobody awaits this one
-                futures.append(future)
+                track(futures, future)
             metas = cast(list[RecordMetadata], await acknowledged(self.producer, futures))
         except KafkaError as exc:
             raise Retry("kafka", f"dead-lettering failed: {exc!r}") from exc

@@ -126,13 +126,19 @@ async def dispose(producer: Producer, within: float) -> None:
         log.warning("Kafka producer did not close cleanly: %r", exc)
 
 
+def track(futures: list[asyncio.Future[object]], future: asyncio.Future[object]) -> None:
+    """Add a send's ``future`` to the ones :func:`acknowledged` waits for; its failure is retrieved
+    even when nobody awaits it (a later send raised, or another future's failure was raised first)."""
+    future.add_done_callback(retrieve)
+    futures.append(future)
+
+
 async def acknowledged(producer: Producer, futures: list[asyncio.Future[object]]) -> list[object]:
-    """Wait until Kafka acknowledged every future; their results, or the first failure raised.
-    aiokafka's idempotent producer retries a batch until the broker takes it (an outage is waited
-    out), but a producer whose sender task died never resolves its futures: that is checked every
-    ``ACK_CHECK_SECONDS`` (``KafkaError``, so the caller retries with a new producer)."""
-    for future in futures:
-        future.add_done_callback(retrieve)  # the others' failures, once the first one is raised
+    """Wait until Kafka acknowledged every future (collected with :func:`track`); their results, or
+    the first failure raised. aiokafka's idempotent producer retries a batch until the broker takes
+    it (an outage is waited out), but a producer whose sender task died never resolves its futures:
+    that is checked every ``ACK_CHECK_SECONDS`` (``KafkaError``, so the caller retries with a new
+    producer)."""
     pending: set[asyncio.Future[object]] = set(futures)
     while pending:
         done, pending = await asyncio.wait(pending, timeout=ACK_CHECK_SECONDS, return_when=asyncio.FIRST_EXCEPTION)
