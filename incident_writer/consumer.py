@@ -6,7 +6,9 @@ and handles rebalances. The writer's step per batch:
     decode → write (one transaction, ``store.write_batch``) → dead letters → (runtime) commit offset + 1
 
 - decode: a record that is not a routed/ignored event is dead-lettered (stage ``writer.decode``).
-- write: the whole batch in one transaction. An ``IntegrityError``/``DataError`` means a record in
+- write: the whole batch in one transaction — a large one (``writer_split_min_events`` twice or more)
+  as up to ``writer_parallel_writes`` transactions at once, split by record key (:func:`split`), each
+  isolated on its own; the batch fails if a part does. An ``IntegrityError``/``DataError`` means a record in
   it can never be written (its service or organisation is gone, a value does not fit): the batch is
   bisected (``isolate.write_isolating``) until those records stand alone; they are dead-lettered
   with the database's reason (stage ``writer.write``) and the rest is written. Any other failure —
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -34,7 +37,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from incident_writer.isolate import write_isolating
+from incident_writer.isolate import Poison, write_isolating
 from incident_writer.store import (
     TENANT_MISMATCH,
     BatchResult,
@@ -98,6 +101,26 @@ def decode(records: Iterable[ConsumerRecord]) -> tuple[list[Item], list[tuple[Co
     return items, invalid
 
 
+def split(items: Sequence[Item], parts: int, min_events: int) -> list[list[Item]]:
+    """``items`` as the transactions that write them at once: at most ``parts``, of about ``min_events``
+    or more each, by Kafka record key, each in stream order.
+
+    The router keeps a Sentry issue's (or alert's) records under one key, on one partition of each
+    topic, so a key's records — all the order Kafka keeps and the writer relies on — stay together
+    and in order in one transaction, and so do the incidents they reach. What parts do share (an
+    incident reached under two keys, a mapping they both learn about) is locked in the store's one
+    global order, as between two writers: a part may wait for another, never deadlock with it.
+    """
+    n = min(parts, len(items) // max(min_events, 1))
+    if n < 2:
+        return [list(items)]
+    groups: list[list[Item]] = [[] for _ in range(n)]
+    for item in items:
+        key = item.record.key
+        groups[(zlib.crc32(key) if key is not None else item.record.partition) % n].append(item)
+    return [group for group in groups if group]
+
+
 def _validate(value: bytes) -> OutputEvent:
     try:
         return _TAGGED.validate_json(value)
@@ -144,10 +167,11 @@ class WriterStep(Step):
 
     async def process(self, batch: Batch) -> list[DeadLetter]:
         items, invalid = decode(batch)
+        parts = split(items, self.settings.writer_parallel_writes, self.settings.writer_split_min_events)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.writer_write_timeout_seconds):
-                results, poison = await write_isolating(items, self._transaction, poison_reason)
+                results, poison = await self._write(parts)
         except RETRYABLE as exc:
             metrics.WRITER_EVENTS.labels(outcome="error").inc(len(items))
             raise Retry(retry_reason(exc), describe_error(exc)) from exc
@@ -173,6 +197,26 @@ class WriterStep(Step):
             self._failed[_coordinates(item.record)] = (item.event, reason)
         metrics.WRITER_EVENTS.labels(outcome="dlq").inc(len(dead))
         return dead
+
+    async def _write(self, parts: list[list[Item]]) -> tuple[list[BatchResult], list[Poison[Item]]]:
+        """Each part in its own transaction (poison isolated), all at once. Every part runs to its end;
+        then a failure is raised — a bug's before the database's — and the parts written stay written
+        (the batch's retry finds them as duplicates)."""
+        if len(parts) == 1:
+            return await write_isolating(parts[0], self._transaction, poison_reason)
+        written = await asyncio.gather(
+            *(write_isolating(part, self._transaction, poison_reason) for part in parts), return_exceptions=True
+        )
+        errors = [outcome for outcome in written if isinstance(outcome, BaseException)]
+        if errors:
+            raise next((e for e in errors if not isinstance(e, RETRYABLE)), errors[0])
+        results: list[BatchResult] = []
+        poison: list[Poison[Item]] = []
+        for outcome in written:
+            assert not isinstance(outcome, BaseException)
+            results += outcome[0]
+            poison += outcome[1]
+        return results, poison
 
     async def dead_lettered(self, sent: Sequence[SentLetter]) -> None:
         """Audit every dead letter as ``failed`` (reason, error, where it is in the DLQ): no accepted
@@ -263,7 +307,7 @@ class IncidentWriter:
 
     def __init__(self, settings: Settings) -> None:
         self.topics = Topics.from_settings(settings)
-        self._engine = create_engine(settings, pool_size=2)
+        self._engine = create_engine(settings, pool_size=max(2, settings.writer_parallel_writes))
         producers = RenewableProducer(
             lambda: make_producer(settings, client_id="blametrail-writer"), settings.writer_group
         )

@@ -7,11 +7,15 @@ alerts and rebalances do not).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from incident_writer.consumer import IncidentWriter, Item, WriterStep
+from incident_writer.store import BatchResult
 from shared.settings import Settings
 from tests.support import ServiceProcess, free_port, settings_env, wait_until
 from tests.support.metrics import scrape
@@ -46,6 +50,52 @@ async def test_two_writers_applying_the_same_events_at_once_count_each_once(
     async with running_writer(settings), running_writer(other):
         await wait_until(both_done, within=60, what="both writers to commit the whole stream")
     await assert_exact(sessions, org, expected)
+
+
+async def test_a_writer_writing_its_batches_as_parallel_transactions_counts_each_once(
+    migrated: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    settings = await isolated_settings(migrated, "parts")
+    settings = settings.model_copy(update={"writer_parallel_writes": 4, "writer_split_min_events": 20})
+    org = await make_org(sessions, services=2)
+    expected = workload(org, events=3000, issues=30, seed=13)
+    # Spread over the partitions: an issue's records reach its part from several partitions.
+    total = await produce(settings, expected.events, spread_over=settings.topic_partitions)
+    at_once = Peak()
+
+    class Counting(IncidentWriter):
+        def __init__(self, settings: Settings) -> None:
+            super().__init__(settings)
+            step = cast(WriterStep, self.runtime.step)
+            transaction = step._transaction
+
+            async def counted(items: Sequence[Item]) -> BatchResult:
+                with at_once:
+                    return await transaction(items)
+
+            step._transaction = counted  # type: ignore[method-assign]
+
+    async def done() -> bool:
+        return await committed_total(settings, settings.writer_group) == total
+
+    async with running_writer(settings, Counting):
+        await wait_until(done, within=60, what="the writer to commit the whole stream")
+    assert at_once.peak >= 2, "no batch was written as parallel transactions"
+    await assert_exact(sessions, org, expected)
+
+
+class Peak:
+    """How many ``with`` blocks were open at once, at most."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+
+    def __enter__(self) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+
+    def __exit__(self, *_: object) -> None:
+        self.now -= 1
 
 
 async def test_two_writer_processes_in_one_group_open_no_duplicate_incidents(

@@ -37,10 +37,13 @@ from tests.support.writer import (
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.parametrize("parallel", [1, 4], ids=["one-transaction", "parallel-parts"])
 async def test_poison_records_are_dead_lettered_with_the_reason_and_the_rest_is_written(
-    migrated: Settings, sessions: async_sessionmaker[AsyncSession]
+    migrated: Settings, sessions: async_sessionmaker[AsyncSession], parallel: int
 ) -> None:
     settings = await isolated_settings(migrated, "poison")
+    # parallel-parts: the batch is written as up to four transactions at once, split by issue.
+    settings = settings.model_copy(update={"writer_parallel_writes": parallel, "writer_split_min_events": 1})
     org = await make_org(sessions)
     async with sessions() as session, session.begin():
         gone: Service = await create_service(session, org.org_id, "Deleted meanwhile")

@@ -11,7 +11,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from incident_writer.consumer import decode, retry_reason
+from incident_writer.consumer import Item, decode, retry_reason, split
 from incident_writer.incidents import Change, IncidentAction, IncidentState, Touch, apply
 from incident_writer.isolate import Poison, write_isolating
 from incident_writer.store import ConcurrentIncident, poison_reason
@@ -231,14 +231,14 @@ def test_retry_reasons() -> None:
 # --- decoding ---------------------------------------------------------------------------------
 
 
-def record(value: bytes | None, offset: int) -> ConsumerRecord:
+def record(value: bytes | None, offset: int, key: bytes | None = b"k", partition: int = 0) -> ConsumerRecord:
     return ConsumerRecord(
         topic="t",
-        partition=0,
+        partition=partition,
         offset=offset,
         timestamp=0,
         timestamp_type=0,
-        key=b"k",
+        key=key,
         value=value,
         checksum=None,
         serialized_key_size=1,
@@ -258,3 +258,47 @@ def test_decode_keeps_stream_order_and_names_what_is_wrong() -> None:
     assert [i.record.offset for i in items] == [0, 3]
     assert [r.offset for r, _ in invalid] == [1, 2]
     assert all(error.startswith("invalid event: ") for _, error in invalid)
+
+
+# --- splitting a batch into parallel transactions -------------------------------------------------
+
+
+def items_of(keys: list[bytes | None], partitions: int = 6) -> list[Item]:
+    """One item a key, in this order, spread over ``partitions`` (the events do not matter to the split)."""
+    event = decode(Batch({TopicPartition("t", 0): [record(GOOD, 0)]}))[0][0].event
+    return [Item(record(GOOD, offset, key, offset % partitions), event) for offset, key in enumerate(keys)]
+
+
+GOOD = (
+    b'{"delivery_id":"d","org":"o","resource":"issue","action":"created","project_slug":"p",'
+    b'"received_at":"2026-11-01T00:00:00Z","raw":{"topic":"r","partition":0,"offset":1},'
+    b'"outcome":"routed","service_id":1,"mapping_id":2}'
+)
+
+
+def test_a_small_batch_is_one_transaction() -> None:
+    items = items_of([str(i).encode() for i in range(9)])
+    assert split(items, parts=4, min_events=5) == [items]  # 9 // 5 = 1 part
+    assert split(items, parts=1, min_events=1) == [items]
+
+
+def test_a_large_batch_is_split_by_key_each_part_in_stream_order() -> None:
+    keys: list[bytes | None] = [f"issue-{i % 40}".encode() for i in range(400)] + [None] * 12
+    items = items_of(keys)
+    parts = split(items, parts=4, min_events=50)
+    assert len(parts) == 4
+    assert all(len(part) >= 50 for part in parts), [len(p) for p in parts]
+    # Every item exactly once; each part in the batch's order.
+    assert sorted(i.record.offset for part in parts for i in part) == list(range(len(items)))
+    for part in parts:
+        offsets = [i.record.offset for i in part]
+        assert offsets == sorted(offsets)
+    # A key's records (whatever their partition) are in one part.
+    home = {i.record.key: n for n, part in enumerate(parts) for i in part if i.record.key is not None}
+    assert all(home[i.record.key] == n for n, part in enumerate(parts) for i in part if i.record.key is not None)
+    assert len({i.record.partition for part in parts for i in part if i.record.key == b"issue-7"}) > 1
+
+
+def test_the_parts_never_outnumber_min_events_allows() -> None:
+    items = items_of([str(i).encode() for i in range(120)])
+    assert len(split(items, parts=8, min_events=50)) == 2
