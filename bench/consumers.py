@@ -97,7 +97,9 @@ async def passthrough(settings: Settings, source: str, target: str, count: int) 
         fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,  # as the router's (shared.kafka.make_consumer)
         fetch_min_bytes=settings.consumer_fetch_min_bytes,
     )
-    producer = make_producer(settings, client_id="bench-passthrough")
+    producer = make_producer(
+        settings, client_id="bench-passthrough", max_batch_bytes=settings.consumer_produce_batch_bytes
+    )  # as the router's
     await consumer.start()
     await producer.start()
     seen = 0

@@ -309,7 +309,10 @@ class IncidentWriter:
         self.topics = Topics.from_settings(settings)
         self._engine = create_engine(settings, pool_size=max(2, settings.writer_parallel_writes))
         producers = RenewableProducer(
-            lambda: make_producer(settings, client_id="blametrail-writer"), settings.writer_group
+            lambda: make_producer(
+                settings, client_id="blametrail-writer", max_batch_bytes=settings.consumer_produce_batch_bytes
+            ),
+            settings.writer_group,
         )
         config = ConsumerConfig.of(
             settings,

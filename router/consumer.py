@@ -317,7 +317,10 @@ class Router:
         sessions = sessionmaker(self._engine)
         self.cache = MappingCache(sessions, libpq_url(settings), settings.mapping_refresh_seconds)
         producers = RenewableProducer(
-            lambda: make_producer(settings, client_id="blametrail-router"), settings.router_group
+            lambda: make_producer(
+                settings, client_id="blametrail-router", max_batch_bytes=settings.consumer_produce_batch_bytes
+            ),
+            settings.router_group,
         )
         config = ConsumerConfig.of(
             settings,

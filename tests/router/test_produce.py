@@ -1,4 +1,5 @@
-"""The router's produce step on its own: what happens to sends already made when a later one fails."""
+"""The router's produce step on its own: what happens to sends already made when a later one fails, and
+how many outputs one record batch takes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import Any, cast
 
 from aiokafka.errors import KafkaConnectionError
 
-from router.consumer import Output, produce
+from incident_writer.consumer import IncidentWriter
+from router.consumer import Output, Router, produce
 from shared.kafka import partition_for
 from shared.producer import Producer
+from shared.settings import Settings
 
 
 class FakeBatch:
@@ -70,3 +73,22 @@ async def test_a_failed_send_leaves_no_unretrieved_failure_behind() -> None:
     finally:
         loop.set_exception_handler(previous)
     assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported
+
+
+async def test_a_batch_of_outputs_for_one_partition_fits_one_record_batch() -> None:
+    """The idempotent producer has one record batch of a partition in flight at a time: a second one
+    waits for the first's acknowledgement. A router batch (``consumer_batch_max`` records of about a
+    kilobyte) must not be cut into several round trips a partition."""
+    settings = Settings()
+    for service in (Router(settings), IncidentWriter(settings)):  # the writer's dead letters too
+        producer = service.runtime.producers.current
+        builder = producer.create_batch()
+        value = b"x" * 1024
+        fitted = 0
+        while fitted < settings.consumer_batch_max and builder.append(
+            timestamp=None, key=b"issue-1", value=value, headers=[("org", b"demo")]
+        ):
+            fitted += 1
+        assert fitted == settings.consumer_batch_max, f"{type(service).__name__}: a record batch took {fitted}"
+        await producer.stop()  # never started: this releases what they hold
+        await service.runtime.consumer.stop()
