@@ -41,6 +41,9 @@ TARGETS = {
     "none_over_1s_at_2000": "no answer over 1 s (or none) at 2,000/s",
     "cpu_per_webhook": "CPU <= 0.6 ms per webhook end to end (ingest + router + writer) at 1,000/s",
     "end_to_end_p99_at_1000": "received -> written p99 <= 100 ms at 1,000/s",
+    "router_vs_passthrough": "router events/s >= 0.7 x consume -> produce passthrough",
+    "writer_vs_copy": "writer events/s >= 0.2 x COPY of its audit rows",
+    "ingest_rss": "ingest peak RSS <= 120 MB (after every latency run)",
     "router_rss_100k": "router RSS <= 250 MB with 100,000 mappings",
 }
 
@@ -82,6 +85,14 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     high = results.get("latency", {}).get("2000")
     if high:
         put("none_over_1s_at_2000", high["over_budget"], high["over_budget"] == 0)
+    rss = [r.get("peak_rss_mb", {}).get("ingest") for r in results.get("latency", {}).values()]
+    if rss and None not in rss:
+        put("ingest_rss", max(rss), max(rss) <= 120)
+    drained = results.get("consumers", {})
+    for name, ratio, floor in (("router_vs_passthrough", "router_vs_passthrough", 0.7),
+                               ("writer_vs_copy", "writer_vs_copy", 0.2)):  # fmt: skip
+        if ratio in drained:
+            put(name, drained[ratio], drained[ratio] >= floor)
     cache = results.get("cache_scale", {}).get("target")
     if cache:
         put("router_rss_100k", cache["rss_mb"], cache["met"])
