@@ -201,7 +201,8 @@ class WriterStep(Step):
     async def _write(self, parts: list[list[Item]]) -> tuple[list[BatchResult], list[Poison[Item]]]:
         """Each part in its own transaction (poison isolated), all at once. Every part runs to its end;
         then a failure is raised — a bug's before the database's — and the parts written stay written
-        (the batch's retry finds them as duplicates)."""
+        (the batch's retry finds them as duplicates). Poison comes part after part: a key's records,
+        all in one part, keep their order (the dead-letter topic is keyed too)."""
         if len(parts) == 1:
             return await write_isolating(parts[0], self._transaction, poison_reason)
         written = await asyncio.gather(
