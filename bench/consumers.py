@@ -44,7 +44,7 @@ from bench.stack import read_env
 from incident_writer.store import AUDIT_COLUMNS
 from shared import events
 from shared.db.conninfo import as_libpq
-from shared.kafka import create_topics, make_producer
+from shared.kafka import create_topics, make_consumer_producer, make_producer
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -97,9 +97,7 @@ async def passthrough(settings: Settings, source: str, target: str, count: int) 
         fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,  # as the router's (shared.kafka.make_consumer)
         fetch_min_bytes=settings.consumer_fetch_min_bytes,
     )
-    producer = make_producer(
-        settings, client_id="bench-passthrough", max_batch_bytes=settings.consumer_produce_batch_bytes
-    )  # as the router's
+    producer = make_consumer_producer(settings, client_id="bench-passthrough")  # as the router's
     await consumer.start()
     await producer.start()
     seen = 0

@@ -89,10 +89,9 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if rss and None not in rss:
         put("ingest_rss", max(rss), max(rss) <= 120)
     drained = results.get("consumers", {})
-    for name, ratio, floor in (("router_vs_passthrough", "router_vs_passthrough", 0.7),
-                               ("writer_vs_copy", "writer_vs_copy", 0.2)):  # fmt: skip
-        if ratio in drained:
-            put(name, drained[ratio], drained[ratio] >= floor)
+    for name, floor in (("router_vs_passthrough", 0.7), ("writer_vs_copy", 0.2)):
+        if name in drained:
+            put(name, drained[name], drained[name] >= floor)
     cache = results.get("cache_scale", {}).get("target")
     if cache:
         put("router_rss_100k", cache["rss_mb"], cache["met"])

@@ -52,7 +52,7 @@ from shared import metrics
 from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Retry, SentLetter, Step
 from shared.db.session import create_engine, sessionmaker
 from shared.events import H_DELIVERY_ID, H_ORG, H_REPLAY_ID, IgnoredEvent, OutputEvent, RoutedEvent
-from shared.kafka import header_value, make_consumer, make_producer
+from shared.kafka import header_value, make_consumer, make_consumer_producer
 from shared.logs import EventLog
 from shared.producer import RenewableProducer
 from shared.settings import Settings
@@ -111,7 +111,7 @@ def split(items: Sequence[Item], parts: int, min_events: int) -> list[list[Item]
     incident reached under two keys, a mapping they both learn about) is locked in the store's one
     global order, as between two writers: a part may wait for another, never deadlock with it.
     """
-    n = min(parts, len(items) // max(min_events, 1))
+    n = min(parts, len(items) // min_events)
     if n < 2:
         return [list(items)]
     groups: list[list[Item]] = [[] for _ in range(n)]
@@ -310,9 +310,7 @@ class IncidentWriter:
         self.topics = Topics.from_settings(settings)
         self._engine = create_engine(settings, pool_size=max(2, settings.writer_parallel_writes))
         producers = RenewableProducer(
-            lambda: make_producer(
-                settings, client_id="blametrail-writer", max_batch_bytes=settings.consumer_produce_batch_bytes
-            ),
+            lambda: make_consumer_producer(settings, client_id="blametrail-writer"),
             settings.writer_group,
         )
         config = ConsumerConfig.of(

@@ -26,7 +26,7 @@ from shared import events, metrics
 from shared.consumer import Batch, ConsumerConfig, ConsumerRuntime, DeadLetter, Retry, Step
 from shared.db.conninfo import libpq_url
 from shared.db.session import create_engine, sessionmaker
-from shared.kafka import Headers, header_map, make_consumer, make_producer, partition_for
+from shared.kafka import Headers, header_map, make_consumer, make_consumer_producer, partition_for
 from shared.logs import EventLog
 from shared.producer import Producer, RecordBatch, RenewableProducer, acknowledged, track
 from shared.sentry import ParsedWebhook, parse_webhook
@@ -317,9 +317,7 @@ class Router:
         sessions = sessionmaker(self._engine)
         self.cache = MappingCache(sessions, libpq_url(settings), settings.mapping_refresh_seconds)
         producers = RenewableProducer(
-            lambda: make_producer(
-                settings, client_id="blametrail-router", max_batch_bytes=settings.consumer_produce_batch_bytes
-            ),
+            lambda: make_consumer_producer(settings, client_id="blametrail-router"),
             settings.router_group,
         )
         config = ConsumerConfig.of(

@@ -47,8 +47,8 @@ def make_producer(
     settings: Settings, *, client_id: str, linger_ms: int = 5, max_batch_bytes: int = 16 * 1024
 ) -> AIOKafkaProducer:
     """Idempotent, ``acks=all``, compressed: what every BlameTrail producer uses. ``max_batch_bytes``
-    bounds one partition's record batch (the consumers pass ``consumer_produce_batch_bytes``; ingest
-    keeps aiokafka's 16 KB: its batches are a 5 ms linger's worth).
+    bounds one partition's record batch (the consumers': :func:`make_consumer_producer`; ingest keeps
+    aiokafka's 16 KB: its batches are a 5 ms linger's worth).
 
     lz4 (aiokafka's ``lz4`` extra, cramjam): gzip cost ingest ~3 % of its CPU at saturation
     (``gzip_encode`` in py-spy). Over the Sentry corpus as one batch, lz4 leaves 27 % of the bytes
@@ -65,6 +65,12 @@ def make_producer(
         max_batch_size=max_batch_bytes,
         request_timeout_ms=10_000,
     )
+
+
+def make_consumer_producer(settings: Settings, *, client_id: str) -> AIOKafkaProducer:
+    """The producer of the router's outputs and the consumers' dead letters: record batches of up to
+    ``consumer_produce_batch_bytes``, so a consumer batch's records for one partition go in one."""
+    return make_producer(settings, client_id=client_id, max_batch_bytes=settings.consumer_produce_batch_bytes)
 
 
 def make_consumer(

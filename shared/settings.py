@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     # returns what is there and batches stay small.
     writer_batch_max: int = Field(default=2000, ge=1)
     # A batch of at least twice writer_split_min_events is written as up to writer_parallel_writes
-    # transactions at once, split by incident (an incident's events stay together and in order): the
+    # transactions at once, split by Kafka key (an issue's records stay together and in order): the
     # writer's Python and the database work side by side instead of in turn (docs/writer.md).
     writer_parallel_writes: int = Field(default=2, ge=1, le=16)
     writer_split_min_events: int = Field(default=250, ge=1)
