@@ -35,11 +35,13 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def serving(tmp_path: Path) -> AsyncIterator[Server]:
-    settings = Settings(spool_dir=str(tmp_path), ingest_read_timeout_seconds=TIMEOUT, max_body_bytes=64 * 1024)
+async def serving(tmp_path: Path, read_timeout: float = TIMEOUT) -> AsyncIterator[Server]:
+    settings = Settings(spool_dir=str(tmp_path), ingest_read_timeout_seconds=read_timeout, max_body_bytes=64 * 1024)
 
     class Protocol(IngestHttpProtocol):
-        read_timeout = TIMEOUT
+        pass
+
+    Protocol.read_timeout = read_timeout
 
     async with fake_ingest(tmp_path, settings) as (app, harness):
         sock = socket.socket()
@@ -176,6 +178,34 @@ async def test_a_stalled_head_gets_408_and_an_idle_connection_is_closed(tmp_path
         assert (await read_answer(idle_reader)).status == 408
         assert await closed(idle_reader)
         idle_writer.close()
+
+
+async def test_each_head_of_a_keep_alive_connection_has_its_own_deadline(tmp_path: Path) -> None:
+    """The head timer moves lazily (one timer a connection, not one a request): a head that began
+    after an earlier head's deadline was armed still gets its full read timeout, and a stalled one
+    still gets 408 — at its own deadline, not an earlier one's. The waits are the scenario (time
+    passing on an open connection), not synchronisation."""
+    timeout = 1.0
+    async with serving(tmp_path, timeout) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        opened = time.monotonic()
+        writer.write(signed(BODY))
+        assert (await read_answer(reader)).status == 200
+        await asyncio.sleep(0.6 * timeout)
+        second = signed(BODY.replace(b'"1"', b'"2"'))
+        writer.write(second[:20])  # this head's deadline: now + timeout
+        await asyncio.sleep(0.6 * timeout)  # past the connection's first deadline, inside this head's
+        assert time.monotonic() - opened > timeout
+        writer.write(second[20:])
+        assert (await read_answer(reader)).status == 200
+
+        writer.write(b"POST /webhooks/sentry/acme HTTP/1.1\r\nHost: ingest\r\n")  # and stall
+        begun = time.monotonic()
+        answer = await read_answer(reader)
+        assert answer.status == 408 and answer.error_code() == "timeout"
+        assert time.monotonic() - begun >= timeout - 0.05, "timed out by an earlier head's deadline"
+        assert await closed(reader)
+        writer.close()
 
 
 async def test_too_many_headers_get_431(tmp_path: Path) -> None:
