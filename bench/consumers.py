@@ -1,8 +1,10 @@
 """Router and writer throughput draining a pre-filled topic, each beside its ceiling.
 
 On topics of its own (a fresh ``bench-<id>.`` prefix, so the running stack is not disturbed) this
-fills the raw topic with ``--events`` signed-body records exactly as ingest writes them (org
-``demo``'s mapped project, ingest's headers), then measures, one after the other:
+fills the raw topic with ``--events`` records exactly as ingest writes them (ingest's headers and
+record keys): mixed resources (issue 50 %, error 20 %, event alert 20 %, metric alert 10 %), 80 %
+naming org ``demo``'s mapped project and 20 % a project no mapping names, every time in them now
+(``bench.harness.mixed_bodies``), then measures, one after the other:
 
 - **passthrough**: an aiokafka consume → produce loop (same producer settings, batches of 500, every
   send acknowledged, then commit) copying raw to a scratch topic: the ceiling of any consumer step;
@@ -38,47 +40,37 @@ import psycopg
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import PAYLOADS, cpu_seconds
+from bench.harness import cpu_seconds, mixed_bodies
 from bench.saturation import free_port
 from bench.stack import read_env
 from incident_writer.store import AUDIT_COLUMNS
 from shared import events
 from shared.db.conninfo import as_libpq
 from shared.kafka import create_topics, make_consumer_producer, make_producer
+from shared.sentry import raw_record_key
 from shared.settings import Settings
 from shared.topics import Topics
 
 BATCH = 500
 
 
-def bodies(count: int, project: str) -> list[bytes]:
-    template = json.loads((PAYLOADS / "issue.created.json").read_bytes())
-    template["data"]["issue"]["project"]["slug"] = project
-    out = []
-    run = uuid.uuid4().hex[:8]
-    for n in range(count):
-        template["data"]["issue"]["id"] = str(7_000_000 + n % 1000)
-        template["bench_sequence"] = f"{run}-{n}"
-        out.append(json.dumps(template, separators=(",", ":")).encode())
-    return out
-
-
-async def fill(settings: Settings, topic: str, values: list[bytes]) -> None:
+async def fill(settings: Settings, topic: str, values: list[tuple[str, bytes]]) -> None:
+    """``(resource, body)`` records exactly as ingest writes them: its headers, its record key."""
     producer = make_producer(settings, client_id="bench-fill")
     await producer.start()
     try:
         for start in range(0, len(values), BATCH):
             futures = []
-            for n, body in enumerate(values[start : start + BATCH], start):
+            for resource, body in values[start : start + BATCH]:
                 received = events.rfc3339(events.utc_now()).encode()
                 headers = [
                     (events.H_ORG, b"demo"),
-                    (events.H_RESOURCE, b"issue"),
+                    (events.H_RESOURCE, resource.encode()),
                     (events.H_RECEIVED_AT, received),
-                    (events.H_DELIVERY_ID, events.delivery_id("demo", "issue", body).encode()),
+                    (events.H_DELIVERY_ID, events.delivery_id("demo", resource, body).encode()),
                     (events.H_INGEST_VERSION, b"1"),
                 ]
-                key = f"demo/{7_000_000 + n % 1000}".encode()
+                key = raw_record_key("demo", resource, json.loads(body)).encode()
                 futures.append(await producer.send(topic, value=body, key=key, headers=headers))
             await asyncio.gather(*futures)
     finally:
@@ -219,7 +211,7 @@ def run(run_dir: Path, count: int, within: float = 300.0) -> dict[str, Any]:
         writer_metrics_port=free_port(),
     )
     topics = Topics.from_settings(settings)
-    values = bodies(count, "payments-api")
+    values = mixed_bodies(count, project="payments-api")
     asyncio.run(create_topics(settings))
     asyncio.run(fill(settings, topics.raw, values))
     results: dict[str, Any] = {"events": count, "topic_prefix": prefix}

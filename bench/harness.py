@@ -2,9 +2,10 @@
 
 A *target* is a running ingest (URL, org, the org's client secret) plus the pids of the processes to
 account CPU and memory to (ingest, router, writer, kafka, postgres: whichever are known). Bodies are
-the corpus's ``issue.created`` with a distinct issue id and sequence number each, signed with the
-org's secret before any clock starts, written one ``signature<TAB>body`` a line for wrk's Lua script
-and the open-loop generators.
+the corpus's ``issue.created`` with a distinct issue id and sequence number each and its times set
+to now, signed with the org's secret before any clock starts, written one ``signature<TAB>body`` a
+line for wrk's Lua script and the open-loop generators. The consumers' benchmark fills its topic
+with :func:`mixed_bodies` (mixed resources, 80 % mapped).
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared.security import sign
+from shared.sentry import parse_webhook
 
 REPO = Path(__file__).resolve().parents[1]
 PAYLOADS = Path(os.environ.get("BLAMETRAIL_PAYLOADS_DIR") or REPO.parent / "shared" / "sentry" / "payloads")
@@ -56,12 +60,57 @@ def loopback_only(url: str) -> str:
     return url.rstrip("/")
 
 
+def _now_text() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# The router's mix (the issue's "mixed resources, 80 % mapped"): resource, corpus file, the file's
+# project slug, issue id and timestamps (replaced per body), and its weight out of 10.
+MIX = (
+    ("issue", "issue.created.json", 5),
+    ("error", "error.created.json", 2),
+    ("event_alert", "event_alert.triggered.json", 2),
+    ("metric_alert", "metric_alert.resolved.json", 1),
+)
+UNMAPPED = "bench-unmapped"  # a project slug no mapping names: ignored as ``unmapped``
+_TIMESTAMP = re.compile(rb'"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z"')
+
+
+def mixed_bodies(count: int, *, project: str, issues: int = 1000, unmapped_every: int = 5) -> list[tuple[str, bytes]]:
+    """``count`` distinct ``(resource, body)`` pairs in the :data:`MIX` proportions, over ``issues``
+    issue ids; every ``unmapped_every``-th names :data:`UNMAPPED` instead of ``project``. Every
+    timestamp in a body is now (the corpus's are from 2019-2020: outside the router's event-time
+    window, every event would take the boundary check's rewrite path, which live traffic does not)."""
+    templates = []
+    for resource, name, weight in MIX:
+        raw = (PAYLOADS / name).read_bytes()
+        parsed = parse_webhook(resource, json.loads(raw))
+        slug = parsed.projects[0].slug if parsed.projects else None
+        issue = parsed.sentry_issue_id
+        compact = json.dumps(json.loads(raw), separators=(",", ":")).encode()
+        templates += [(resource, compact, slug, issue)] * weight
+    now = json.dumps(_now_text()).encode()
+    out = []
+    for n in range(count):
+        resource, body, slug, issue = templates[n % len(templates)]
+        body = _TIMESTAMP.sub(now, body)
+        unmapped = (n // len(templates)) % unmapped_every == unmapped_every - 1  # every resource alike
+        if slug:  # wherever the parser finds it: a field, a list, an API URL
+            body = body.replace(slug.encode(), (UNMAPPED if unmapped else project).encode())
+        if issue:
+            body = body.replace(issue.encode(), str(9_000_000 + n % issues).encode())
+        out.append((resource, body[:-1] + b',"bench_sequence":%d}' % n))
+    return out
+
+
 def write_bodies(path: Path, secret: str, count: int, *, project: str, issues: int = 1000, start: int = 0) -> Path:
-    """``count`` distinct signed ``issue.created`` bodies over ``issues`` issue ids, one a line."""
+    """``count`` distinct signed ``issue.created`` bodies over ``issues`` issue ids, one a line; their
+    times are now (see :func:`mixed_bodies`)."""
     template = json.loads((PAYLOADS / "issue.created.json").read_bytes())
     issue = template["data"]["issue"]
     if isinstance(issue.get("project"), dict):
         issue["project"]["slug"] = project
+    issue["firstSeen"] = issue["lastSeen"] = _now_text()
     lines = []
     for n in range(start, start + count):
         issue["id"] = str(9_000_000 + n % issues)
