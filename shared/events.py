@@ -146,4 +146,8 @@ def encode_event(model: type[OutputEvent], fields: Mapping[str, Any]) -> bytes:
     """``model(**fields).model_dump_json()`` without building (and validating) the model: the same
     JSON document (key order aside), for fields the caller already holds typed — the router's hot
     path. ``tests/shared/test_events.py`` holds it equal to pydantic's output over the corpus."""
-    return orjson.dumps({**_defaults(model), **fields}, default=_dump_default, option=_DUMP_OPTIONS)
+    document = {**_defaults(model), **fields}
+    raw = document.get("raw")
+    if isinstance(raw, RawRef):  # the one nested model: as a dict, not through model_dump (~2 µs an event)
+        document["raw"] = {"topic": raw.topic, "partition": raw.partition, "offset": raw.offset}
+    return orjson.dumps(document, default=_dump_default, option=_DUMP_OPTIONS)

@@ -65,11 +65,21 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
         self.service = service
+        self._stamp: tuple[int, str] = (-1, "")  # the last millisecond formatted, and its text
+
+    def _ts(self, created: float) -> str:
+        """``created`` as ISO 8601 to the millisecond; a batch of lines shares a millisecond or a
+        few, so the text is made once per millisecond (a datetime and its isoformat: ~1.5 µs)."""
+        ms = round(created * 1_000_000) // 1000
+        stamp = self._stamp
+        if stamp[0] != ms:
+            stamp = self._stamp = (ms, datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"))
+        return stamp[1]
 
     def line(self, created: float, level: str, logger: str, event: str, fields: dict[str, object]) -> str:
         """The one shape of a JSON log line (``format`` and :class:`EventLog` both use it)."""
         line: dict[str, object] = {
-            "ts": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+            "ts": self._ts(created),
             "level": level.lower(),
             "service": self.service,
             "logger": logger,

@@ -6,10 +6,11 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
-from shared.logs import EventLog, RepeatFilter, setup_logging
+from shared.logs import EventLog, JsonFormatter, RepeatFilter, setup_logging
 
 
 @pytest.fixture
@@ -66,3 +67,14 @@ def test_repeated_warnings_are_held_back_and_counted() -> None:
     assert not held.filter(logging.makeLogRecord({"name": "x", "levelno": logging.WARNING, "msg": "broker down %s"}))
     info = logging.makeLogRecord({"name": "x", "levelno": logging.INFO, "msg": "broker down %s"})
     assert held.filter(info) and held.filter(info)
+
+
+def test_a_lines_time_is_its_own_millisecond_whatever_came_before() -> None:
+    """The formatter remembers the last millisecond it wrote: times on both sides of millisecond
+    boundaries, forwards, backwards and repeated, each still print as datetime prints them."""
+    formatter = JsonFormatter("router")
+    base = 1_796_000_000.0  # 2026-12
+    times = [base + n / 10_000 for n in range(-30, 30)]  # ten a millisecond, across six boundaries
+    for created in [*times, *reversed(times), *times[::7], *times]:
+        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        assert json.loads(formatter.line(created, "INFO", "blametrail.router", "routed", {}))["ts"] == expected
