@@ -9,7 +9,6 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
-import uvloop
 from prometheus_client import start_http_server
 
 log = logging.getLogger(__name__)
@@ -51,11 +50,7 @@ def dump_tasks() -> str:
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``main(stop)`` where ``stop`` is set on SIGTERM or SIGINT, so the service can finish cleanly.
-    SIGUSR1 logs every asyncio task's stack (``kill -USR1 <pid>``: what is it waiting for?).
-
-    On uvloop, as ingest runs under uvicorn: the router's and the writer's profiles at 1,000/s spent
-    10 % in asyncio's selector loop and 8 % writing to sockets through it; on uvloop each used 4-7 %
-    less CPU a webhook (docs/benchmarks.md)."""
+    SIGUSR1 logs every asyncio task's stack (``kill -USR1 <pid>``: what is it waiting for?)."""
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -66,5 +61,4 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> Non
         tune_gc()
         await main(stop)
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner_:
-        runner_.run(runner())
+    asyncio.run(runner())

@@ -1,10 +1,8 @@
-"""Process plumbing of the services (``shared.runtime``): garbage collection tuning, the event loop."""
+"""Garbage collection tuning of the services (``shared.runtime.tune_gc``)."""
 
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 import weakref
 from collections.abc import Iterator
 
@@ -45,25 +43,3 @@ def test_cycles_made_after_tuning_are_still_collected(restored_gc: None) -> None
     assert gone() is not None  # a cycle: reference counting alone does not free it
     gc.collect()
     assert gone() is None
-
-
-SERVICE = """
-import asyncio, os, signal
-from shared.runtime import run_until_signalled
-
-async def main(stop):
-    print(type(asyncio.get_running_loop()).__module__, flush=True)
-    os.kill(os.getpid(), signal.SIGTERM)
-    await asyncio.wait_for(stop.wait(), 10)
-    print("stopped cleanly", flush=True)
-
-run_until_signalled(main)
-"""
-
-
-def test_services_run_on_uvloop_and_stop_on_sigterm() -> None:
-    """Router and writer run on uvloop, as ingest does under uvicorn (4-7 % less CPU each at
-    1,000/s, docs/benchmarks.md); SIGTERM still sets their stop event."""
-    done = subprocess.run([sys.executable, "-c", SERVICE], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["uvloop", "stopped", "cleanly"], done.stdout
