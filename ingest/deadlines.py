@@ -47,10 +47,9 @@ class Deadline:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         expiring, self._state = self._state == _EXPIRING, _CLOSED
-        task, self._task = self._task, None  # the queue keeps a closed bound a while, not its task
         if expiring:
-            assert task is not None
-            if task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+            assert self._task is not None
+            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
 
     @property
