@@ -28,12 +28,12 @@ releases the spool with its unsent rows still in it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from enum import StrEnum
 
 from ingest.async_spool import AsyncSpool
-from ingest.deadlines import Deadlines
 from ingest.drain import Drainer
 from ingest.producer import ProducerSupervisor
 from ingest.record import RawRecord
@@ -71,7 +71,7 @@ class Publisher:
     ) -> None:
         self.spool = spool
         self._topic = topic
-        self._deadlines = Deadlines(publish_timeout)
+        self._timeout = publish_timeout
         self._max_inflight = max_inflight
         self._inflight = 0
         self._healthy = True  # the last direct send was acknowledged (not timed out, not failed)
@@ -118,7 +118,6 @@ class Publisher:
         kafka_answers = await self._drainer.stop(grace)
         await self.producers.close(grace, flush=kafka_answers)
         await self.spool.close()
-        self._deadlines.close()
 
     async def publish(self, record: RawRecord) -> Outcome:
         """Make ``record`` durable; raises ``Unavailable`` when neither Kafka nor the spool can."""
@@ -152,9 +151,7 @@ class Publisher:
         self._inflight += 1
         started = time.perf_counter()
         try:
-            # On time out the record's future is cancelled; the record itself stays in its batch
-            # (aiokafka skips done futures), as the module docstring says.
-            with self._deadlines.bound():
+            async with asyncio.timeout(self._timeout):
                 future = await producer.send(
                     self._topic,
                     value=record.value,
@@ -163,7 +160,7 @@ class Publisher:
                     headers=list(record.headers),
                 )
                 future.add_done_callback(retrieve)
-                await future
+                await asyncio.shield(future)
         except TimeoutError:
             self._healthy, self._failed_at = False, time.monotonic()
             return False

@@ -83,15 +83,13 @@ class FakeBroker:
         return future
 
     def _deliver(self, item: Pending) -> None:
-        """Deliver a held send. One whose future was cancelled meanwhile (its waiter timed out) is
-        delivered too: aiokafka keeps a record in its batch whatever becomes of the record's future."""
+        if item.future.done():
+            return
         if self.reject_value is not None and any(v == self.reject_value for _, v in item.records):
-            if not item.future.done():
-                item.future.set_exception(MessageSizeTooLargeError())
+            item.future.set_exception(MessageSizeTooLargeError())
             return
         self.log.extend((item.partition, k, v) for k, v in item.records)
-        if not item.future.done():
-            item.future.set_result(None)
+        item.future.set_result(None)
 
     def recover(self) -> None:
         """Answer again; what was held is delivered in order (the original of a spooled send too)."""

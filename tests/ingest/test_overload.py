@@ -165,7 +165,7 @@ async def test_queueing_inside_ingest_sheds_then_recovers(ingest_harness: tuple[
     long): the fastest answers of an interval took over twice the lag limit, so the next is shed."""
     app, harness = ingest_harness
     harness.broker.mode = "hang"
-    harness.publisher._deadlines.seconds = 0.6  # each webhook then takes 0.6 s before it is spooled
+    harness.publisher._timeout = 0.6  # each webhook then takes 0.6 s before it is spooled
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), timeout=10) as client:
         before = overloaded_count()
         slow = await asyncio.gather(*(post(client, n) for n in range(6)))
