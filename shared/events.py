@@ -145,7 +145,7 @@ def _defaults(model: type[_Event]) -> dict[str, Any]:
 def encode_event(model: type[OutputEvent], fields: Mapping[str, Any]) -> bytes:
     """``model(**fields).model_dump_json()`` without building (and validating) the model: the same
     JSON document (key order aside), for fields the caller already holds typed — the router's hot
-    path. ``tests/shared/test_events.py`` holds it equal to pydantic's output over the corpus."""
+    path. ``tests/shared/test_sentry_parsing.py`` holds it equal to pydantic's output over the corpus."""
     document = {**_defaults(model), **fields}
     raw = document.get("raw")
     if isinstance(raw, RawRef):  # the one nested model: as a dict, not through model_dump (~2 µs an event)
