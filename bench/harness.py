@@ -81,19 +81,17 @@ def mixed_bodies(count: int, *, project: str, issues: int = 1000, unmapped_every
     issue ids; every ``unmapped_every``-th names :data:`UNMAPPED` instead of ``project``. Every
     timestamp in a body is now (the corpus's are from 2019-2020: outside the router's event-time
     window, every event would take the boundary check's rewrite path, which live traffic does not)."""
+    now = json.dumps(_now_text()).encode()
     templates = []
     for resource, name, weight in MIX:
-        raw = (PAYLOADS / name).read_bytes()
-        parsed = parse_webhook(resource, json.loads(raw))
+        document = json.loads((PAYLOADS / name).read_bytes())
+        parsed = parse_webhook(resource, document)
         slug = parsed.projects[0].slug if parsed.projects else None
-        issue = parsed.sentry_issue_id
-        compact = json.dumps(json.loads(raw), separators=(",", ":")).encode()
-        templates += [(resource, compact, slug, issue)] * weight
-    now = json.dumps(_now_text()).encode()
+        compact = _TIMESTAMP.sub(now, json.dumps(document, separators=(",", ":")).encode())
+        templates += [(resource, compact, slug, parsed.sentry_issue_id)] * weight
     out = []
     for n in range(count):
         resource, body, slug, issue = templates[n % len(templates)]
-        body = _TIMESTAMP.sub(now, body)
         unmapped = (n // len(templates)) % unmapped_every == unmapped_every - 1  # every resource alike
         if slug:  # wherever the parser finds it: a field, a list, an API URL
             body = body.replace(slug.encode(), (UNMAPPED if unmapped else project).encode())
