@@ -10,6 +10,7 @@ with :func:`mixed_bodies` (mixed resources, 80 % mapped).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
@@ -22,10 +23,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from aiokafka.structs import TopicPartition
 
 from shared.security import sign
 from shared.sentry import parse_webhook
+from shared.settings import Settings
+from shared.topics import Topics
 
 REPO = Path(__file__).resolve().parents[1]
 PAYLOADS = Path(os.environ.get("BLAMETRAIL_PAYLOADS_DIR") or REPO.parent / "shared" / "sentry" / "payloads")
@@ -42,6 +51,9 @@ class Target:
     pids: dict[str, int] = field(default_factory=dict)  # process name -> pid (its children counted too)
     writer_metrics: str | None = None  # the writer's /metrics URL: wait for the pipeline to drain
     database_url: str | None = None  # libpq URL of the stack's database: end-to-end latency from audit records
+    kafka: Settings | None = (
+        None  # the stack's Kafka, topics and groups: runs wait for router and writer to have no lag
+    )
 
     @property
     def webhook_path(self) -> str:
@@ -247,3 +259,52 @@ def per_webhook_ms(used: Mapping[str, float], webhooks: int, ours: Iterable[str]
     out["services_total"] = round(sum(out[name] for name in mine), 3)
     out["all_total"] = round(sum(v for k, v in out.items() if k != "services_total"), 3)
     return out
+
+
+async def group_lag(bootstrap: str, group: str, topics: list[str]) -> int | None:
+    """Records of ``topics`` that ``group`` has not committed yet (None while Kafka cannot tell)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="blametrail-bench")
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, client_id="blametrail-bench")
+    try:
+        await admin.start()
+        await consumer.start()
+        described = await admin.describe_topics(topics)
+        committed = await admin.list_consumer_group_offsets(group)
+        partitions = [TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]]
+        ends = await consumer.end_offsets(partitions)
+    except KafkaError:
+        return None
+    finally:
+        await consumer.stop()
+        await admin.close()
+    if {tp.topic for tp in partitions} != set(topics):
+        return None
+    return sum(int(end) - max(0, committed[tp].offset if tp in committed else 0) for tp, end in ends.items())
+
+
+def pipeline_lag(kafka: Settings) -> dict[str, int | None]:
+    """The router's lag on the raw topic and the writer's on routed + ignored."""
+    topics = Topics.from_settings(kafka)
+
+    async def both() -> dict[str, int | None]:
+        return {
+            "router": await group_lag(kafka.kafka_bootstrap, kafka.router_group, [topics.raw]),
+            "writer": await group_lag(kafka.kafka_bootstrap, kafka.writer_group, [topics.routed, topics.ignored]),
+        }
+
+    return asyncio.run(both())
+
+
+def wait_idle(kafka: Settings | None, within: float) -> dict[str, Any]:
+    """Wait until router and writer have committed everything in their topics (a backlog left by an
+    earlier run, or by a restart during one, would be measured as this run's latency and CPU).
+    Returns the lag found first, the lag at the end and how long it took; ``idle`` False past ``within``."""
+    if kafka is None:
+        return {"idle": None}
+    started = time.monotonic()
+    first = last = pipeline_lag(kafka)
+    while not all(v == 0 for v in last.values()) and time.monotonic() - started < within:
+        time.sleep(1.0)
+        last = pipeline_lag(kafka)
+    idle = all(v == 0 for v in last.values())
+    return {"idle": idle, "lag_found": first, "lag_left": last, "waited_s": round(time.monotonic() - started, 1)}

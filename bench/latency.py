@@ -39,6 +39,7 @@ from bench.harness import (
     per_webhook_ms,
     percentiles,
     read_bodies,
+    wait_idle,
     write_bodies,
 )
 from bench.stack import SERVICES
@@ -169,13 +170,18 @@ def run(
     drain_within: float = 120.0,
     workdir: Path | None = None,
     first_body: int = 0,
+    idle_within: float = 300.0,
 ) -> dict[str, Any]:
-    """One open-loop run at ``rate``/s. ``first_body``: sequence number of the first body (keep runs distinct)."""
+    """One open-loop run at ``rate``/s. ``first_body``: sequence number of the first body (keep runs distinct).
+
+    Starts once router and writer have no lag (at most ``idle_within`` seconds; the result says
+    whether they had none): a backlog left by an earlier run would be measured as this one's."""
     vegeta = find_vegeta() if engine in ("auto", "vegeta") else None
     if engine == "vegeta" and vegeta is None:
         sys.exit("vegeta not found: go install github.com/tsenart/vegeta/v12@latest (or --engine python)")
     used_engine = "vegeta" if vegeta else "python"
     count = int(rate * seconds) + rate
+    before = wait_idle(target.kafka, idle_within)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         file = write_bodies(Path(tmp) / "bodies.tsv", target.secret, count, project=target.project, start=first_body)
         written_before = writer_events(target.writer_metrics)
@@ -207,6 +213,7 @@ def run(
         "errors": dict(Counter(a.error.split(": ")[-1][:80] for a in answers if a.error).most_common(3)),
         "over_budget_by_status": dict(Counter(str(a.status) for a in answers if a.status == 0 or a.latency > BUDGET)),
         "inside_ingest": server_view(histogram_before, histogram_after),
+        "backlog_before": before,
         "pipeline_drained": drained,
         "end_to_end_ms": end_to_end(target.database_url, wall_started, wall_ended) if drained else None,
         "window_seconds": round(meter.wall, 2),

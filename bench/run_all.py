@@ -5,7 +5,10 @@
 
 Runs against the local stack in ``--stack`` (default ``/tmp/bt-bench``): started with
 ``scripts/up.sh`` when it is not running, and then stopped with ``scripts/down.sh`` at the end
-(``--keep-up`` leaves it). Or ``--url/--org/--secret`` for an ingest started elsewhere.
+(``--keep-up`` leaves it). ``--fresh`` first stops that stack and deletes its data: every run then
+measures the same empty database (each run adds a few hundred thousand audit records, and later runs
+on a grown database are slower). Or ``--url/--org/--secret`` for an ingest started elsewhere.
+Every latency run starts once router and writer have no lag.
 
 1. ``bench.saturation``: wrk at ``--connections`` against a bare Starlette endpoint, then ingest
    (router and writer paused); then how fast router + writer drain the backlog that left.
@@ -30,8 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from bench import cache_scale, consumers, latency, saturation
-from bench.harness import Target
-from bench.stack import add_target_arguments, read_env, stack_down, stack_target, stack_up, target_from_args
+from bench.harness import Target, wait_idle
+from bench.stack import (
+    add_target_arguments,
+    read_env,
+    stack_down,
+    stack_reset,
+    stack_target,
+    stack_up,
+    target_from_args,
+)
 
 DEFAULT_STACK = Path("/tmp/bt-bench")
 TARGETS = {
@@ -112,6 +123,7 @@ def run(
     cache_mappings: int = 0,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "seconds": seconds, "command": " ".join(sys.argv)}
+    results["backlog_before"] = wait_idle(target.kafka, 300)
     pause = {k: v for k, v in target.pids.items() if k in ("router", "writer")}
     written_before = latency.writer_events(target.writer_metrics)
     acked_before = sum(v for k, v in saturation.outcomes(target.url).items() if k in ("accepted", "spooled"))
@@ -157,12 +169,17 @@ def main() -> None:
     parser.add_argument("--cache-orgs", type=int, default=10_000, help="orgs for the mapping cache run")
     parser.add_argument("--cache-mappings", type=int, default=100_000, help="mappings for the mapping cache run")
     parser.add_argument("--keep-up", action="store_true", help="leave a stack this run started running")
+    parser.add_argument("--fresh", action="store_true", help="delete the --stack's data first (a new database)")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",") if r]
     started_stack = None
     if not args.url and args.stack is None:
         args.stack = DEFAULT_STACK
+    if args.fresh:
+        if args.stack is None:
+            parser.error("--fresh needs --stack (it deletes that run directory's data)")
+        stack_reset(args.stack)
     if args.stack is not None:
         try:
             stack_target(args.stack)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 from bench.harness import REPO, Target, loopback_only
 from shared.db.conninfo import as_libpq
+from shared.settings import Settings
 
 SERVICES = ("ingest", "router", "writer")
 
@@ -59,6 +61,8 @@ def stack_target(run_dir: Path) -> Target:
         pids=pids,
         writer_metrics=f"http://127.0.0.1:{env['BLAMETRAIL_WRITER_METRICS_PORT']}/metrics",
         database_url=as_libpq(read_env(run_dir / "postgres.env")["BLAMETRAIL_DATABASE_URL"]),
+        # up.sh's services run with the default topic prefix and groups
+        kafka=Settings.model_construct(kafka_bootstrap=read_env(run_dir / "kafka.env")["BLAMETRAIL_KAFKA_BOOTSTRAP"]),
     )
 
 
@@ -72,6 +76,18 @@ def stack_up(run_dir: Path) -> None:
 def stack_down(run_dir: Path) -> None:
     env = {**os.environ, "BLAMETRAIL_RUN_DIR": str(run_dir)}
     subprocess.run([str(REPO / "scripts" / "down.sh")], env=env, check=False, timeout=300)
+
+
+def stack_reset(run_dir: Path) -> None:
+    """Stop the stack in ``run_dir`` and delete its data (database, Kafka log, spool), so the next
+    ``stack_up`` measures an empty database: every run adds its webhooks' audit records, and a grown
+    database makes later runs slower. Refuses a directory that is not a run directory of up.sh."""
+    if not (run_dir / "stack.env").is_file():
+        if run_dir.exists():
+            raise SystemExit(f"{run_dir}: not a run directory of scripts/up.sh (no stack.env); not deleting it")
+        return
+    stack_down(run_dir)
+    shutil.rmtree(run_dir)
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:

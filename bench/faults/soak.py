@@ -35,17 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
-from aiokafka.structs import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from bench import openloop
 from bench.faults.check import Audit, IncidentRow, Sent, check, failures
 from bench.faults.cluster import REPO, Cluster, stop_on_sigterm
-from bench.harness import PAYLOADS
+from bench.harness import PAYLOADS, group_lag
 from shared import events
 from shared.db.migrate import upgrade
 from shared.db.models import AuditRecord, Incident, IncidentEvent
@@ -298,27 +294,6 @@ async def inject(faults: list[Fault], pipeline: Pipeline, cluster: Cluster, brok
 # Drain -------------------------------------------------------------------------------------------------
 
 
-async def lag(bootstrap: str, group: str, topics: list[str]) -> int | None:
-    """Records of ``topics`` that ``group`` has not committed yet (None while Kafka cannot tell)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="blametrail-soak")
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, client_id="blametrail-soak")
-    try:
-        await admin.start()
-        await consumer.start()
-        described = await admin.describe_topics(topics)
-        committed = await admin.list_consumer_group_offsets(group)
-        partitions = [TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]]
-        ends = await consumer.end_offsets(partitions)
-    except KafkaError:
-        return None
-    finally:
-        await consumer.stop()
-        await admin.close()
-    if {tp.topic for tp in partitions} != set(topics):
-        return None
-    return sum(int(end) - max(0, committed[tp].offset if tp in committed else 0) for tp, end in ends.items())
-
-
 async def spool_depth(port: int) -> float | None:
     try:
         async with httpx.AsyncClient(timeout=5) as client:
@@ -338,8 +313,8 @@ async def backlog(pipeline: Pipeline) -> tuple[float | None, int | None, int | N
     order: each stage commits only after its outputs were acknowledged). None: not known yet."""
     s, topics = pipeline.settings, Topics.from_settings(pipeline.settings)
     spool = await spool_depth(s.ingest_port)
-    router = await lag(s.kafka_bootstrap, s.router_group, [topics.raw])
-    writer = await lag(s.kafka_bootstrap, s.writer_group, [topics.routed, topics.ignored])
+    router = await group_lag(s.kafka_bootstrap, s.router_group, [topics.raw])
+    writer = await group_lag(s.kafka_bootstrap, s.writer_group, [topics.routed, topics.ignored])
     return spool, router, writer
 
 

@@ -30,6 +30,7 @@ def check_latency(run: dict[str, Any], sent: int) -> None:
     assert all(cpu[name] > 0 for name in ("ingest", "router", "writer", "services_total")), cpu
     assert all(run["peak_rss_mb"][name] > 0 for name in ("ingest", "router", "writer")), run["peak_rss_mb"]
     assert run["pipeline_drained"] is True, run
+    assert run["backlog_before"]["idle"] is True, run["backlog_before"]
     e2e = run["end_to_end_ms"]
     assert e2e["records"] >= sent and 0 <= e2e["p50"] <= e2e["p99"] <= e2e["max"], e2e
 
@@ -45,6 +46,7 @@ async def test_run_all_produces_every_figure(topics: Settings, tmp_path: Path) -
             pids=dict(zip(("ingest", "router", "writer"), (p.proc.pid for p in stack.processes), strict=True)),
             writer_metrics=f"http://127.0.0.1:{settings.writer_metrics_port}/metrics",
             database_url=libpq_url(settings),
+            kafka=settings,
         )
         results = await asyncio.to_thread(
             run_all.run, target, 1, [50], connections=8, engine="auto", saturation_bodies=500
