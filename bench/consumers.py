@@ -15,7 +15,10 @@ naming org ``demo``'s mapped project and 20 % a project no mapping names, every 
   issue defines it. (Until 2026-12-01 this copied the raw bodies into an unindexed temporary table,
   a ceiling 2-3x higher than any write to the real table could reach.)
 
-CPU of each (process CPU over the same window) is reported per event.
+CPU of each (process CPU over the same window) is reported per event. ``--profile DIR`` attaches
+py-spy (``--nonblocking``: it does not stop the process to sample) to the router and the writer and
+writes ``DIR/router.txt`` and ``DIR/writer.txt`` (collapsed stacks, for ``flamegraph.pl`` or
+speedscope; their rates are then a profiled run's).
 
     python -m bench.consumers --stack /tmp/bt-bench --events 20000
 """
@@ -28,6 +31,8 @@ import hashlib
 import json
 import os
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -143,13 +148,24 @@ def _counter(url: str, family_name: str) -> float:
 
 
 def service_drain(
-    command: str, env: dict[str, str], port: int, family: str, count: int, within: float
+    command: str, env: dict[str, str], port: int, family: str, count: int, within: float, profile: Path | None = None
 ) -> dict[str, Any]:
-    """Run ``blametrail command`` until its ``family`` counter reaches ``count``; rate from its first event."""
+    """Run ``blametrail command`` until its ``family`` counter reaches ``count``; rate from its first event.
+    With ``profile`` (a directory), py-spy samples it meanwhile into ``profile/<command>.txt``."""
     url = f"http://127.0.0.1:{port}/metrics"
     process = subprocess.Popen(
         [sys.executable, "-m", "cli", command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    spy = None
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        out = profile / f"{command}.txt"
+        spy = subprocess.Popen(
+            [py_spy, "record", "--nonblocking", "--format", "raw", "-o", str(out), "--pid", str(process.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     try:
         deadline = time.monotonic() + within
         first: tuple[float, float, float] | None = None
@@ -166,6 +182,9 @@ def service_drain(
         took = time.monotonic() - first[0]
         return {**_rate(int(count - first[1]), took, cpu_seconds(process.pid) - first[2]), "drained": True}
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(30)
         process.terminate()
         process.wait(30)
 
@@ -198,7 +217,7 @@ def copy_ceiling(database_url: str, raw_topic: str) -> dict[str, float]:
         return result
 
 
-def run(run_dir: Path, count: int, within: float = 300.0) -> dict[str, Any]:
+def run(run_dir: Path, count: int, within: float = 300.0, profile: Path | None = None) -> dict[str, Any]:
     env_file = {**read_env(run_dir / "postgres.env"), **read_env(run_dir / "kafka.env")}
     prefix = f"bench-{uuid.uuid4().hex[:8]}."
     settings = Settings(
@@ -220,10 +239,10 @@ def run(run_dir: Path, count: int, within: float = 300.0) -> dict[str, Any]:
     env.update({f"BLAMETRAIL_{k.upper()}": str(v) for k, v in settings.model_dump().items()})
     env["BLAMETRAIL_LOG_FORMAT"] = "json"
     results["router"] = service_drain(
-        "router", env, settings.router_metrics_port, "blametrail_router_events", count, within
+        "router", env, settings.router_metrics_port, "blametrail_router_events", count, within, profile
     )
     results["writer"] = service_drain(
-        "writer", env, settings.writer_metrics_port, "blametrail_writer_events", count, within
+        "writer", env, settings.writer_metrics_port, "blametrail_writer_events", count, within, profile
     )
     results["copy"] = copy_ceiling(settings.database_url, topics.raw)
     for stage, ceiling in (("router", "passthrough"), ("writer", "copy")):
@@ -238,8 +257,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stack", type=Path, default=Path("/tmp/bt-bench"))
     parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of router and writer")
     args = parser.parse_args()
-    print(json.dumps(run(args.stack, args.events), indent=2))
+    print(json.dumps(run(args.stack, args.events, profile=args.profile), indent=2))
 
 
 if __name__ == "__main__":
