@@ -265,6 +265,19 @@ async def test_keep_alive_and_pipelined_requests_are_served(tmp_path: Path) -> N
         assert [value for _, _, value in server.harness.broker.log] == bodies
 
 
+async def test_100_continue_is_written_before_the_body_arrives(tmp_path: Path) -> None:
+    async with serving(tmp_path) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        signature = sign(SECRETS["acme"][0], BODY).encode()
+        extra = (b"Sentry-Hook-Resource: issue", b"Sentry-Hook-Signature: " + signature, b"Expect: 100-continue")
+        writer.write(request_head("/webhooks/sentry/acme", *extra, length=len(BODY)))
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(BODY)
+        assert (await read_answer(reader)).status == 200
+        writer.close()
+
+
 async def test_unknown_paths_and_methods_answer_in_the_error_shape(tmp_path: Path) -> None:
     async with serving(tmp_path) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
