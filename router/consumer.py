@@ -275,6 +275,20 @@ class RouterStep(Step):
         self.lines = EventLog(log)
 
     async def process(self, batch: Batch) -> list[DeadLetter]:
+        outputs, dead = await self.outputs_of(batch)
+        try:
+            await produce(self.producers.current, outputs)
+        except KafkaError as exc:
+            # The broker (or a partition leader) is away: the same batch again after a backoff, its
+            # outputs sent again (the writer's idempotency absorbs what was already delivered).
+            raise Retry("kafka", f"producing the batch's outputs failed: {exc!r}") from exc
+        self.lines.flush()
+        metrics.MAPPING_CACHE_AGE.set(self.cache.age_seconds)
+        return dead
+
+    async def outputs_of(self, batch: Batch) -> tuple[list[Output], list[DeadLetter]]:
+        """The batch's outputs, in record order, and its records that cannot be read at all;
+        counted, their log lines kept for :meth:`process` to write once they are produced."""
         outputs: list[Output] = []
         dead = []
         for record in batch:
@@ -297,15 +311,7 @@ class RouterStep(Step):
             if org_mappings is not None:
                 delivery = await with_issue_project(delivery, self.issues)
             outputs.extend(route_delivery(delivery, org_mappings, self.topics, self.counts, self.lines))
-        try:
-            await produce(self.producers.current, outputs)
-        except KafkaError as exc:
-            # The broker (or a partition leader) is away: the same batch again after a backoff, its
-            # outputs sent again (the writer's idempotency absorbs what was already delivered).
-            raise Retry("kafka", f"producing the batch's outputs failed: {exc!r}") from exc
-        self.lines.flush()
-        metrics.MAPPING_CACHE_AGE.set(self.cache.age_seconds)
-        return dead
+        return outputs, dead
 
 
 class Router:
