@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
@@ -308,3 +309,27 @@ def wait_idle(kafka: Settings | None, within: float) -> dict[str, Any]:
         last = pipeline_lag(kafka)
     idle = all(v == 0 for v in last.values())
     return {"idle": idle, "lag_found": first, "lag_left": last, "waited_s": round(time.monotonic() - started, 1)}
+
+
+_REFERENCE_BODY = json.dumps({"id": "1", "title": "x" * 200, "tags": [["level", "error"]] * 20}).encode()
+
+
+def reference(events: int) -> None:
+    """A fixed amount of CPU work per event (JSON in and out, a dict, a short loop). This VM's speed
+    drifts by 2x within seconds (the same orjson loop took 3.0 to 8.0 µs an iteration): CPU measured
+    beside this one's, or this one's measured before and after a run, says how fast the machine was."""
+    for _ in range(events):
+        document = orjson.loads(_REFERENCE_BODY)
+        document["seen"] = sum(range(50))
+        orjson.dumps(document)
+
+
+def speed_probe(events: int = 20_000) -> float:
+    """Microseconds of CPU an event of :func:`reference` right now (lower is faster), the least of
+    three short runs: run it while the machine is otherwise idle, before and after a measurement."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        reference(events)
+        best = min(best, time.process_time() - started)
+    return round(best * 1e6 / events, 2)

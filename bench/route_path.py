@@ -11,7 +11,7 @@ measures the whole router. Nothing runs beside it: on this VM, work on the other
 produce) slowed this process's CPU by up to 40 %, which made a version that produced useless for
 comparisons. Reported: CPU microseconds an event (``time.process_time``) for each of ``--rounds``
 passes over the records, and the least of them; and, steadier, that CPU relative to a fixed reference
-workload run after every batch (:func:`reference`; the median pass): compare versions by it.
+workload run after every batch (``bench.harness.reference``; the median pass): compare versions by it.
 
     python -m bench.route_path --stack /tmp/bt-bench --events 30000
 
@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-import orjson
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from bench.harness import mixed_bodies
+from bench.harness import mixed_bodies, reference
 from bench.stack import read_env
 from router.boundary import TimeWindow
 from router.cache import IssueProjects, MappingCache
@@ -78,19 +77,6 @@ def batches(records: list[ConsumerRecord], size: int) -> list[Batch]:
             per_partition.setdefault(TopicPartition(record.topic, record.partition), []).append(record)
         out.append(Batch(per_partition))
     return out
-
-
-_REFERENCE_BODY = orjson.dumps({"id": "1", "title": "x" * 200, "tags": [["level", "error"]] * 20})
-
-
-def reference(events: int) -> None:
-    """A fixed amount of work per event (JSON in and out, a dict, a short loop), run right after each
-    batch: the router's CPU divided by this one's cancels the VM's speed, which drifts by 2x within
-    seconds here (the same orjson loop took 3.0 to 8.0 µs an iteration)."""
-    for _ in range(events):
-        document = orjson.loads(_REFERENCE_BODY)
-        document["seen"] = sum(range(50))
-        orjson.dumps(document)
 
 
 async def measure(base: Settings, count: int, batch: int, rounds: int = 5, org: str = ORG) -> dict[str, Any]:

@@ -8,7 +8,10 @@ Runs against the local stack in ``--stack`` (default ``/tmp/bt-bench``): started
 (``--keep-up`` leaves it). ``--fresh`` first stops that stack and deletes its data: every run then
 measures the same empty database (each run adds a few hundred thousand audit records, and later runs
 on a grown database are slower). Or ``--url/--org/--secret`` for an ingest started elsewhere.
-Every latency run starts once router and writer have no lag.
+Every latency run starts once router and writer have no lag. Before and after each measurement,
+``bench.harness.speed_probe`` records how fast the machine was (µs of CPU for a fixed piece of work,
+``machine.speed_probe_us``): this VM's speed drifts by 2x within seconds, and a figure is only
+comparable with one measured at a similar speed.
 
 1. ``bench.saturation``: wrk at ``--connections`` against a bare Starlette endpoint, then ingest
    (router and writer paused); then how fast router + writer drain the backlog that left.
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cache_scale, consumers, latency, saturation
-from bench.harness import Target, wait_idle
+from bench.harness import Target, speed_probe, wait_idle
 from bench.stack import (
     add_target_arguments,
     read_env,
@@ -127,6 +130,7 @@ def run(
     pause = {k: v for k, v in target.pids.items() if k in ("router", "writer")}
     written_before = latency.writer_events(target.writer_metrics)
     acked_before = sum(v for k, v in saturation.outcomes(target.url).items() if k in ("accepted", "spooled"))
+    speed = results["machine"]["speed_probe_us"] = {"start": speed_probe()}
     results["saturation"] = saturation.run(
         target, seconds, connections=connections, pause=pause, bodies=saturation_bodies
     )
@@ -141,14 +145,17 @@ def run(
             "seconds": round(took, 2),
             "events_per_s": round(acked / took, 1) if took and drained else None,
         }
+    speed["after_saturation"] = speed_probe()
     results["latency"] = {}
     first = int(time.time()) % 100_000 * 10_000
     for n, rate in enumerate(rates):
         results["latency"][str(rate)] = latency.run(
             target, rate, seconds, engine=engine, first_body=first + n * 10 * rate * int(seconds + 2)
         )
+        speed[f"after_latency_{rate}"] = speed_probe()
     if stack is not None and events > 0:
         results["consumers"] = consumers.run(stack, events)
+        speed["after_consumers"] = speed_probe()
     if stack is not None and cache_mappings > 0:
         env = {**read_env(stack / "postgres.env"), **read_env(stack / "kafka.env")}
         results["cache_scale"] = cache_scale.run(

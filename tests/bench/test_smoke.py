@@ -56,6 +56,8 @@ async def test_run_all_produces_every_figure(topics: Settings, tmp_path: Path) -
             python_run = await asyncio.to_thread(latency.run, target, 50, 1, engine="python", first_body=10**8)
 
     assert {"machine", "saturation", "latency", "targets"} <= set(results)
+    speed = results["machine"]["speed_probe_us"]
+    assert set(speed) == {"start", "after_saturation", "after_latency_50"} and min(speed.values()) > 0, speed
     saturation = results["saturation"]
     for side in ("bare", "ingest"):
         assert saturation[side]["ok_per_s"] > 0 and saturation[side]["requests"] > 0, saturation
