@@ -68,20 +68,22 @@ def run_admin(args: argparse.Namespace, settings: Settings) -> None:
 
 def run_router(args: argparse.Namespace, settings: Settings) -> None:
     from router.consumer import Router
-    from shared.runtime import run_until_signalled, serve_metrics
+    from shared.runtime import lower_priority, run_until_signalled, serve_metrics
 
     setup_logging(args.log_level, service="router", fmt=settings.log_format)
     log_settings("router", settings)
+    lower_priority(settings.consumer_nice)  # before the metrics thread starts: it inherits it
     serve_metrics(settings.router_metrics_port)
     run_until_signalled(lambda stop: Router(settings).run(stop))
 
 
 def run_writer(args: argparse.Namespace, settings: Settings) -> None:
     from incident_writer.consumer import IncidentWriter
-    from shared.runtime import run_until_signalled, serve_metrics
+    from shared.runtime import lower_priority, run_until_signalled, serve_metrics
 
     setup_logging(args.log_level, service="writer", fmt=settings.log_format)
     log_settings("writer", settings)
+    lower_priority(settings.consumer_nice)  # before the metrics thread starts: it inherits it
     serve_metrics(settings.writer_metrics_port)
     run_until_signalled(lambda stop: IncidentWriter(settings).run(stop))
 

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import io
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -18,6 +19,17 @@ def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` on ``port`` (0 disables it)."""
     if port:
         start_http_server(port, addr=host)
+
+
+def lower_priority(increment: int) -> int:
+    """Raise this process's niceness by ``increment`` (0: leave it), before it starts threads (they
+    inherit it); returns the niceness now. The consumers call it: at 2,000 webhooks/s on two cores,
+    router and writer at nice 10 left a third as many answers over Sentry's 1 s as at nice 0
+    (docs/benchmarks.md, eighth session), and they catch up from Kafka once the burst is over."""
+    now = os.nice(0)
+    if increment > 0 and now < 19:
+        now = os.nice(min(increment, 19 - now))
+    return now
 
 
 # CPython collects its youngest generation every 700 net container allocations by default. Every

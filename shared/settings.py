@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     writer_split_min_events: int = Field(default=250, ge=1)
 
     # Consumers
+    # Router and writer lower their CPU priority by this much (nice) when they start: on a machine
+    # they share with ingest, ingest's answers (Sentry's 1 s budget, no retry) come first and the
+    # consumers catch up from Kafka. 0 keeps the priority they were started with.
+    consumer_nice: int = Field(default=10, ge=0, le=19)
     consumer_batch_max: int = Field(default=500, ge=1)
     consumer_batch_timeout_ms: int = Field(default=200, ge=1)
     # How long the broker may hold a consumer's fetch for partitions with no new records: a fetch for

@@ -5,6 +5,7 @@ A signed webhook goes in over HTTP; incidents and audit records come out in Post
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -117,6 +118,22 @@ async def test_services_expose_metrics(stack: Stack) -> None:
         response = await stack.client.get(f"http://127.0.0.1:{port}/metrics")
         assert response.status_code == 200
         assert "blametrail_" in response.text
+
+
+def _niceness(pid: int) -> set[int]:
+    """The niceness of every thread of ``pid`` (``/proc/<pid>/task/<tid>/stat``, field 19)."""
+    return {int(stat.read_text().rsplit(")", 1)[1].split()[16]) for stat in Path(f"/proc/{pid}/task").glob("*/stat")}
+
+
+def test_consumers_yield_the_cpu_to_ingest(stack: Stack) -> None:
+    """Router and writer run ``consumer_nice`` above the niceness they were started with, every
+    thread of them (the metrics server's too); ingest keeps it."""
+    inherited = os.nice(0)  # this process's, which the services inherit
+    ingest, router, writer = (process.proc.pid for process in stack.processes)
+    assert stack.settings.consumer_nice == 10  # the default
+    assert _niceness(ingest) == {inherited}
+    assert _niceness(router) == _niceness(writer) == {min(19, inherited + 10)}
+    assert len(list(Path(f"/proc/{router}/task").iterdir())) > 1  # the metrics thread, at least
 
 
 def test_payload_dir_exists() -> None:
