@@ -52,9 +52,8 @@ class Target:
     pids: dict[str, int] = field(default_factory=dict)  # process name -> pid (its children counted too)
     writer_metrics: str | None = None  # the writer's /metrics URL: wait for the pipeline to drain
     database_url: str | None = None  # libpq URL of the stack's database: end-to-end latency from audit records
-    kafka: Settings | None = (
-        None  # the stack's Kafka, topics and groups: runs wait for router and writer to have no lag
-    )
+    # the stack's Kafka, topics and groups: runs wait for router and writer to have no lag
+    kafka: Settings | None = None
 
     @property
     def webhook_path(self) -> str:

@@ -24,8 +24,8 @@ def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
 def lower_priority(increment: int) -> int:
     """Raise this process's niceness by ``increment`` (0: leave it), before it starts threads (they
     inherit it); returns the niceness now. The consumers call it: at 2,000 webhooks/s on two cores,
-    router and writer at nice 10 left a third as many answers over Sentry's 1 s as at nice 0
-    (docs/benchmarks.md, eighth session), and they catch up from Kafka once the burst is over."""
+    router and writer at nice 10 left fewer than half as many answers over Sentry's 1 s as at
+    nice 0 (docs/benchmarks.md, eighth session), and they catch up from Kafka once the burst is over."""
     now = os.nice(0)
     if increment > 0 and now < 19:
         now = os.nice(min(increment, 19 - now))
