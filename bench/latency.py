@@ -106,7 +106,9 @@ def server_view(before: dict[float, float], after: dict[float, float]) -> dict[s
     }
 
 
-def _vegeta(vegeta: str, target: Target, file: Path, rate: int, seconds: float, tmp: Path) -> list[openloop.Answer]:
+def _vegeta(
+    vegeta: str, target: Target, file: Path, rate: int, seconds: float, tmp: Path, new_connections: bool = False
+) -> list[openloop.Answer]:
     url = f"{loopback_only(target.url)}{target.webhook_path}"
     targets = tmp / "targets.jsonl"
     with targets.open("w") as out:
@@ -118,6 +120,8 @@ def _vegeta(vegeta: str, target: Target, file: Path, rate: int, seconds: float, 
     results = tmp / "results.bin"
     command = [vegeta, "attack", "-format=json", "-lazy", f"-targets={targets}", f"-rate={rate}/1s"]
     command += [f"-duration={seconds}s", "-timeout=5s", "-max-body=0", f"-output={results}"]
+    if new_connections:
+        command.append("-keepalive=false")
     subprocess.run(command, check=True, timeout=seconds + 60)
     encoded = subprocess.run([vegeta, "encode", "--to=csv", str(results)], check=True, capture_output=True, text=True)
     answers = []
@@ -171,15 +175,20 @@ def run(
     workdir: Path | None = None,
     first_body: int = 0,
     idle_within: float = 300.0,
+    new_connections: bool = False,
 ) -> dict[str, Any]:
     """One open-loop run at ``rate``/s. ``first_body``: sequence number of the first body (keep runs distinct).
 
     Starts once router and writer have no lag (at most ``idle_within`` seconds; the result says
-    whether they had none): a backlog left by an earlier run would be measured as this one's."""
+    whether they had none): a backlog left by an earlier run would be measured as this one's.
+    ``new_connections``: every webhook on a connection of its own, as Sentry sends them (its
+    ``safe_urlopen`` builds a session per webhook); vegeta only. Otherwise connections are kept alive."""
     vegeta = find_vegeta() if engine in ("auto", "vegeta") else None
     if engine == "vegeta" and vegeta is None:
         sys.exit("vegeta not found: go install github.com/tsenart/vegeta/v12@latest (or --engine python)")
     used_engine = "vegeta" if vegeta else "python"
+    if new_connections and not vegeta:
+        sys.exit("a connection per webhook needs vegeta (the Python generator keeps its connections)")
     count = int(rate * seconds) + rate
     before = wait_idle(target.kafka, idle_within)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -189,7 +198,7 @@ def run(
         meter = CpuMeter(target.pids)
         started, wall_started = time.monotonic(), time.time()
         if vegeta:
-            answers = _vegeta(vegeta, target, file, rate, seconds, Path(tmp))
+            answers = _vegeta(vegeta, target, file, rate, seconds, Path(tmp), new_connections)
         else:
             answers = _python(target, file, rate, seconds)
         attack_seconds = time.monotonic() - started
@@ -202,6 +211,7 @@ def run(
     answered = [a.latency for a in answers if a.status]
     return {
         "engine": used_engine,
+        "new_connections": new_connections,
         "rate": rate,
         "seconds": seconds,
         "sent": len(answers),
@@ -231,8 +241,17 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1000, help="webhooks per second (default 1000)")
     parser.add_argument("--engine", choices=("auto", "vegeta", "python"), default="auto")
     parser.add_argument("--first-body", type=int, default=int(time.time()) % 1_000_000 * 1000)
+    parser.add_argument("--new-connections", action="store_true", help="a connection per webhook, as Sentry sends")
     args = parser.parse_args()
-    result = run(target_from_args(args), args.rate, args.seconds, engine=args.engine, first_body=args.first_body)
+    target = target_from_args(args)
+    result = run(
+        target,
+        args.rate,
+        args.seconds,
+        engine=args.engine,
+        first_body=args.first_body,
+        new_connections=args.new_connections,
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -16,7 +16,8 @@ comparable with one measured at a similar speed.
 1. ``bench.saturation``: wrk at ``--connections`` against a bare Starlette endpoint, then ingest
    (router and writer paused); then how fast router + writer drain the backlog that left.
 2. ``bench.latency`` at each of ``--rates`` (default 1000 and 2000/s), open loop, full pipeline:
-   ack percentiles, answers over 1 s, CPU ms per webhook of every process, peak RSS.
+   ack percentiles, answers over 1 s, CPU ms per webhook of every process, peak RSS. On kept-alive
+   connections; ``--new-connections``: a connection per webhook, as Sentry sends them.
 3. ``bench.consumers`` (with ``--stack``; ``--events 0`` skips it): router events/s draining a
    pre-filled raw topic against a consume → produce passthrough, writer events/s against ``COPY``.
 4. ``bench.cache_scale`` (with ``--stack``; ``--cache-mappings 0`` skips it): in a scratch database,
@@ -124,6 +125,7 @@ def run(
     events: int = 0,
     cache_orgs: int = 0,
     cache_mappings: int = 0,
+    new_connections: bool = False,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "seconds": seconds, "command": " ".join(sys.argv)}
     results["backlog_before"] = wait_idle(target.kafka, 300)
@@ -150,7 +152,12 @@ def run(
     first = int(time.time()) % 100_000 * 10_000
     for n, rate in enumerate(rates):
         results["latency"][str(rate)] = latency.run(
-            target, rate, seconds, engine=engine, first_body=first + n * 10 * rate * int(seconds + 2)
+            target,
+            rate,
+            seconds,
+            engine=engine,
+            first_body=first + n * 10 * rate * int(seconds + 2),
+            new_connections=new_connections,
         )
         speed[f"after_latency_{rate}"] = speed_probe()
     if stack is not None and events > 0:
@@ -177,6 +184,9 @@ def main() -> None:
     parser.add_argument("--cache-mappings", type=int, default=100_000, help="mappings for the mapping cache run")
     parser.add_argument("--keep-up", action="store_true", help="leave a stack this run started running")
     parser.add_argument("--fresh", action="store_true", help="delete the --stack's data first (a new database)")
+    parser.add_argument(
+        "--new-connections", action="store_true", help="latency runs: a connection per webhook, as Sentry sends"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",") if r]
@@ -197,6 +207,7 @@ def main() -> None:
     try:
         target = target_from_args(args)
         options = {"connections": args.connections, "engine": args.engine, "stack": args.stack, "events": args.events}
+        options["new_connections"] = args.new_connections
         cache = {"cache_orgs": args.cache_orgs, "cache_mappings": args.cache_mappings}
         results = run(target, args.seconds, rates, **options, **cache)
     finally:

@@ -35,6 +35,14 @@ def check_latency(run: dict[str, Any], sent: int) -> None:
     assert e2e["records"] >= sent and 0 <= e2e["p50"] <= e2e["p99"] <= e2e["max"], e2e
 
 
+def closed_connections(port: int) -> int:
+    """Connections to ``port`` closed in the last minute: their TIME_WAIT entries in ``/proc/net/tcp``
+    (on the side that closed first, or on both)."""
+    suffix = f":{port:04X}"
+    rows = [row.split() for row in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for row in rows if row[3] == "06" and (row[1].endswith(suffix) or row[2].endswith(suffix)))
+
+
 async def test_run_all_produces_every_figure(topics: Settings, tmp_path: Path) -> None:
     async with running_stack(topics, tmp_path) as stack:
         settings = stack.settings
@@ -51,9 +59,14 @@ async def test_run_all_produces_every_figure(topics: Settings, tmp_path: Path) -
         results = await asyncio.to_thread(
             run_all.run, target, 1, [50], connections=8, engine="auto", saturation_bodies=500
         )
-        python_run = None
+        python_run = new_connections_run = None
         if results["latency"]["50"]["engine"] != "python":
             python_run = await asyncio.to_thread(latency.run, target, 50, 1, engine="python", first_body=10**8)
+            closed_before = closed_connections(settings.ingest_port)
+            new_connections_run = await asyncio.to_thread(
+                latency.run, target, 50, 1, engine="vegeta", first_body=2 * 10**8, new_connections=True
+            )
+            closed = closed_connections(settings.ingest_port) - closed_before
 
     assert {"machine", "saturation", "latency", "targets"} <= set(results)
     speed = results["machine"]["speed_probe_us"]
@@ -68,5 +81,8 @@ async def test_run_all_produces_every_figure(topics: Settings, tmp_path: Path) -
     check_latency(results["latency"]["50"], 50)
     if python_run is not None:
         check_latency(python_run, 50)
+    if new_connections_run is not None:  # vegeta: a connection per webhook
+        check_latency(new_connections_run, 50)
+        assert new_connections_run["new_connections"] is True and closed >= 50, closed
     # the others need the 1,000/s and 2,000/s runs, the drain runs and the mapping cache run
     assert set(results["targets"]) == {"ingest_vs_bare", "ingest_rss"}
