@@ -45,14 +45,12 @@ import psycopg
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import cpu_seconds, mixed_bodies
+from bench.harness import as_ingest_writes, cpu_seconds, mixed_bodies
 from bench.saturation import free_port
 from bench.stack import read_env
 from incident_writer.store import AUDIT_COLUMNS
-from shared import events
 from shared.db.conninfo import as_libpq
 from shared.kafka import create_topics, make_consumer_producer, make_producer
-from shared.sentry import raw_record_key
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -67,15 +65,7 @@ async def fill(settings: Settings, topic: str, values: list[tuple[str, bytes]]) 
         for start in range(0, len(values), BATCH):
             futures = []
             for resource, body in values[start : start + BATCH]:
-                received = events.rfc3339(events.utc_now()).encode()
-                headers = [
-                    (events.H_ORG, b"demo"),
-                    (events.H_RESOURCE, resource.encode()),
-                    (events.H_RECEIVED_AT, received),
-                    (events.H_DELIVERY_ID, events.delivery_id("demo", resource, body).encode()),
-                    (events.H_INGEST_VERSION, b"1"),
-                ]
-                key = raw_record_key("demo", resource, json.loads(body)).encode()
+                key, headers = as_ingest_writes("demo", resource, body)
                 futures.append(await producer.send(topic, value=body, key=key, headers=headers))
             await asyncio.gather(*futures)
     finally:

@@ -32,8 +32,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
+from shared import events
 from shared.security import sign
-from shared.sentry import parse_webhook
+from shared.sentry import parse_webhook, raw_record_key
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -111,6 +112,18 @@ def mixed_bodies(count: int, *, project: str, issues: int = 1000, unmapped_every
             body = body.replace(issue.encode(), str(9_000_000 + n % issues).encode())
         out.append((resource, body[:-1] + b',"bench_sequence":%d}' % n))
     return out
+
+
+def as_ingest_writes(org: str, resource: str, body: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The raw record's key and headers for ``body``, as ingest writes them (received now)."""
+    headers = [
+        (events.H_ORG, org.encode()),
+        (events.H_RESOURCE, resource.encode()),
+        (events.H_RECEIVED_AT, events.rfc3339(events.utc_now()).encode()),
+        (events.H_DELIVERY_ID, events.delivery_id(org, resource, body).encode()),
+        (events.H_INGEST_VERSION, b"1"),
+    ]
+    return raw_record_key(org, resource, json.loads(body)).encode(), headers
 
 
 def write_bodies(path: Path, secret: str, count: int, *, project: str, issues: int = 1000, start: int = 0) -> Path:

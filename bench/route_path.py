@@ -32,19 +32,17 @@ from typing import Any, cast
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from bench.harness import mixed_bodies, reference
+from bench.harness import as_ingest_writes, mixed_bodies, reference
 from bench.stack import read_env
 from router.boundary import TimeWindow
 from router.cache import IssueProjects, MappingCache
 from router.consumer import RouterStep
-from shared import events
 from shared.consumer import Batch
 from shared.db.conninfo import libpq_url
 from shared.db.session import create_engine, sessionmaker
 from shared.logs import setup_logging
 from shared.producer import RenewableProducer
 from shared.runtime import tune_gc
-from shared.sentry import raw_record_key
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -55,15 +53,7 @@ def raw_records(topic: str, count: int, partitions: int, org: str = ORG) -> list
     """``count`` raw records of ``org`` as ingest writes them (headers, key), spread over ``partitions``."""
     out = []
     for n, (resource, body) in enumerate(mixed_bodies(count, project=PROJECT)):
-        received = events.rfc3339(events.utc_now()).encode()
-        headers = [
-            (events.H_ORG, org.encode()),
-            (events.H_RESOURCE, resource.encode()),
-            (events.H_RECEIVED_AT, received),
-            (events.H_DELIVERY_ID, events.delivery_id(org, resource, body).encode()),
-            (events.H_INGEST_VERSION, b"1"),
-        ]
-        key = raw_record_key(org, resource, json.loads(body)).encode()
+        key, headers = as_ingest_writes(org, resource, body)
         partition, offset, now_ms = n % partitions, n // partitions, int(time.time() * 1000)
         out.append(ConsumerRecord(topic, partition, offset, now_ms, 0, key, body, None, len(key), len(body), headers))
     return out
