@@ -242,8 +242,13 @@ def main() -> None:
     parser.add_argument("--engine", choices=("auto", "vegeta", "python"), default="auto")
     parser.add_argument("--first-body", type=int, default=int(time.time()) % 1_000_000 * 1000)
     parser.add_argument("--new-connections", action="store_true", help="a connection per webhook, as Sentry sends")
+    parser.add_argument(
+        "--warmup", type=float, default=0.0, help="seconds of unmeasured load at --rate first (a just-started stack)"
+    )
     args = parser.parse_args()
     target = target_from_args(args)
+    if args.warmup > 0:
+        run(target, args.rate, args.warmup, engine=args.engine, first_body=args.first_body + 5 * 10**8)
     result = run(
         target,
         args.rate,
