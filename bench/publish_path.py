@@ -30,9 +30,10 @@ from aiokafka.conn import AIOKafkaConnection
 
 from bench.stack import read_env
 from ingest.async_spool import AsyncSpool
+from ingest.kafka import ingest_producer
 from ingest.publish import Publisher
 from ingest.record import RawRecord
-from shared.kafka import create_topics, make_producer
+from shared.kafka import create_topics
 from shared.settings import Settings
 from shared.topics import Topics
 
@@ -72,7 +73,7 @@ async def measure(bootstrap: str, records: int, concurrency: int) -> dict[str, A
         spool = await AsyncSpool.open(Path(spool_dir), topic, 1 << 28)
         publisher = Publisher(
             spool,
-            lambda: make_producer(settings, client_id="bench-publish"),
+            lambda: ingest_producer(settings, client_id="bench-publish"),
             topic=topic,
             publish_timeout=settings.publish_timeout_ms / 1000,
             max_inflight=settings.ingest_max_inflight,

@@ -48,6 +48,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ingest.async_spool import AsyncSpool
 from ingest.http_limits import HeadLimits, head_refusal
+from ingest.kafka import ingest_producer
 from ingest.publish import Outcome, Publisher, Unavailable
 from ingest.record import RawRecord
 from ingest.secrets import LegacyTokenCache, OrgCache, SecretCache, invalidator
@@ -57,7 +58,6 @@ from shared.credentials import Connections
 from shared.db.conninfo import MAPPINGS_CHANNEL, libpq_url
 from shared.db.listen import Listener
 from shared.errors import error_body
-from shared.kafka import make_producer
 from shared.logs import EventLog, setup_logging
 from shared.producer import Producer
 from shared.runtime import tune_gc
@@ -528,8 +528,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         log.info("spool %s (%d waiting)", spool.path, spool.depth)
 
         def new_producer() -> Producer:
-            producer: Producer = make_producer(settings, client_id="blametrail-ingest")
-            return producer
+            return ingest_producer(settings)
 
         publisher = Publisher(
             spool,

@@ -1,7 +1,18 @@
-"""Ingest's bootstrap addresses (the producer's interface, its factory type, and closing one now, are
-``shared.producer``'s: the router and the writer replace broken producers too)."""
+"""Ingest's producer and bootstrap addresses (the producer's interface, its factory type, and closing
+one now, are ``shared.producer``'s: the router and the writer replace broken producers too)."""
 
 from __future__ import annotations
+
+from shared.kafka import make_producer
+from shared.producer import Producer
+from shared.settings import Settings
+
+
+def ingest_producer(settings: Settings, client_id: str = "blametrail-ingest") -> Producer:
+    """The producer of ``sentry.webhooks.raw``: every BlameTrail producer's settings, with ingest's
+    linger (``BLAMETRAIL_INGEST_LINGER_MS``)."""
+    producer: Producer = make_producer(settings, client_id=client_id, linger_ms=settings.ingest_linger_ms)
+    return producer
 
 
 def bootstrap_addresses(bootstrap: str) -> list[tuple[str, int]]:

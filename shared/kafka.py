@@ -50,7 +50,7 @@ def make_producer(
 ) -> AIOKafkaProducer:
     """Idempotent, ``acks=all``, compressed: what every BlameTrail producer uses. ``max_batch_bytes``
     bounds one partition's record batch (the consumers': :func:`make_consumer_producer`; ingest keeps
-    aiokafka's 16 KB: its batches are a 5 ms linger's worth).
+    aiokafka's 16 KB: its batches are a linger's worth, ``ingest.kafka.ingest_producer``).
 
     lz4 (aiokafka's ``lz4`` extra, cramjam): gzip cost ingest ~3 % of its CPU at saturation
     (``gzip_encode`` in py-spy). Over the Sentry corpus as one batch, lz4 leaves 27 % of the bytes

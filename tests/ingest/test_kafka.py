@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ingest.app import create_app
@@ -131,3 +132,36 @@ async def test_without_kafka_a_full_spool_answers_503_and_is_not_ready(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_a_linger_over_half_the_publish_timeout_is_refused(settings: Settings) -> None:
+    with pytest.raises(ValidationError, match="ingest_linger_ms"):
+        Settings(**{**settings.model_dump(), "publish_timeout_ms": 300, "ingest_linger_ms": 151})
+    assert Settings(**{**settings.model_dump(), "publish_timeout_ms": 300, "ingest_linger_ms": 150})
+
+
+async def test_ingest_holds_a_record_for_its_linger_before_sending_it(
+    topics: Settings, sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    linger = 0.4  # far above a lone record's round trip to the broker (a few ms)
+    settings = topics.model_copy(
+        update={"ingest_linger_ms": int(linger * 1000), "publish_timeout_ms": 5000, "spool_dir": str(tmp_path)}
+    )
+    org = await new_org(sessions, f"linger-{os.urandom(4).hex()}")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
+            answers = []
+            for n in range(2):  # the first also waits for the producer's metadata
+                body = b'{"linger":%d,"org":"%s"}' % (n, org.org.encode())
+                started = time.monotonic()
+                response = await client.post(
+                    f"/webhooks/sentry/{org.org}",
+                    content=body,
+                    headers=signed_headers(org.client_secret, body, "issue"),
+                )
+                answers.append((response.status_code, response.json(), time.monotonic() - started))
+    for status, answer, took in answers:
+        assert (status, answer) == (200, {"status": "accepted"}), answers
+        assert took >= linger, f"answered after {took:.3f} s: the producer did not hold the record {linger} s"
