@@ -107,7 +107,13 @@ start() {
   old_port=$(env_value KAFKA_PORT); old_cport=$(env_value KAFKA_CONTROLLER_PORT)
   port=$(pick_port "Kafka broker" "${BLAMETRAIL_KAFKA_PORT:-$old_port}")
   cport=$(pick_port "Kafka controller" "$old_cport")
-  [[ "$cport" != "$port" ]] || cport=$(free_port 0)
+  # Two free ports picked one after the other can be the same one (seen once after a benchmark had
+  # left most ephemeral ports in TIME_WAIT); the broker refuses two listeners on one port.
+  local tries=0
+  while [[ "$cport" == "$port" ]]; do
+    (( ++tries <= 20 )) || die "no second free port for the Kafka controller"
+    cport=$(free_port 0)
+  done
   # The controller's address is written into the metadata log at format time: the data is kept when
   # the controller comes back on its port (the broker's port may change); otherwise a new, empty cluster.
   write_config "$port" "$cport"
