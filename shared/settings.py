@@ -38,11 +38,12 @@ class Settings(BaseSettings):
     ingest_workers: int = Field(default=1, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     publish_timeout_ms: int = Field(default=300, ge=10)
-    # How long ingest's producer holds a partition's first record for more to send with it. Longer:
-    # fewer, larger produce requests (at 1,000 webhooks/s, 20 ms instead of 5 took 14-16 % less CPU
-    # over the whole pipeline, Kafka and router included) for as much more on each answer's time.
-    # At most half of publish_timeout_ms, or webhooks would spool instead of reaching Kafka.
-    ingest_linger_ms: int = Field(default=20, ge=0, le=1000)
+    # How long ingest's producer holds a partition's first record for more to send with it. 20 ms
+    # instead of 5: 14-16 % less CPU over the whole pipeline at 1,000 webhooks/s (Kafka and router
+    # included) and ~10 ms more on each answer, but a saturated ingest acknowledged 25-35 % fewer
+    # webhooks a second (docs/benchmarks.md, ninth session): longer only where CPU is short and
+    # bursts are not. At most half of publish_timeout_ms, or webhooks would spool instead.
+    ingest_linger_ms: int = Field(default=5, ge=0, le=1000)
     # A sender whose request head, then body, does not arrive within this gets 408 and is disconnected.
     ingest_read_timeout_seconds: float = Field(default=5.0, gt=0)
     secret_cache_ttl_seconds: float = Field(default=5.0, ge=0)
