@@ -32,11 +32,12 @@ def _serve_http(
     )
 
 
-# How uvicorn serves ingest (``bench.bare_app``, its benchmark ceiling, is served the same way): uvloop,
-# the httptools protocol with ingest's head limits, no access log, no proxy-header rewriting (ingest
+# How uvicorn serves ingest (``bench.bare_app``, its benchmark ceiling, is served the same way): uvloop
+# accepting every waiting connection at once (``ingest/accept.py``; libuv alone accepts one a loop
+# iteration), the httptools protocol with ingest's head limits, no access log, no proxy-header rewriting (ingest
 # never uses the client address) and no Server header, both per-request work for nothing.
 INGEST_UVICORN: dict[str, Any] = {
-    "loop": "uvloop",
+    "loop": "ingest.accept:GreedyAcceptLoop",
     "http": "ingest.http_limits:IngestHttpProtocol",
     "access_log": False,
     "proxy_headers": False,

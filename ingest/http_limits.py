@@ -16,6 +16,8 @@ Both answer in the JSON error shape.
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 from typing import Any
 
 import orjson
@@ -30,6 +32,28 @@ from shared.settings import get_settings
 MAX_HEADERS = 100
 MAX_HEAD_BYTES = 16 * 1024  # request target and header lines, as h11's default limit
 LINE_OVERHEAD = 4  # ": " and CRLF of a header line
+
+
+# struct tcp_info (linux/tcp.h): tcpi_last_data_recv, a __u32 of milliseconds, at byte 52.
+_LAST_DATA_RECV = slice(52, 56)
+
+
+def accept_wait(transport: asyncio.BaseTransport) -> float | None:
+    """Seconds a just-accepted TCP connection waited in the kernel for the server to accept it.
+
+    The kernel's ``tcpi_last_data_recv``: milliseconds since the connection last received data, or
+    since its handshake when it has sent nothing yet. Sentry, like any HTTP client, sends its request
+    right after connecting, so at accept time this is how long the request has waited in the listen
+    queue. None where there is no TCP_INFO (not Linux, a Unix socket).
+    """
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _LAST_DATA_RECV.stop)
+    except (AttributeError, OSError):
+        return None
+    if len(info) < _LAST_DATA_RECV.stop:
+        return None
+    return int.from_bytes(info[_LAST_DATA_RECV], sys.byteorder) / 1000
 
 
 def head_problem(count: int, size: int) -> str | None:
@@ -153,6 +177,9 @@ class IngestHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()
+        waited = accept_wait(transport)
+        if waited is not None:
+            metrics.INGEST_ACCEPT_WAIT_SECONDS.observe(waited)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()

@@ -66,6 +66,12 @@ INGEST_SPOOL_OLDEST_AGE = Gauge(
 )
 INGEST_SPOOL_DRAINED = Counter("blametrail_ingest_spool_drained_total", "Spooled webhooks delivered to Kafka")
 INGEST_PRODUCER_RESTARTS = Counter("blametrail_ingest_producer_restarts_total", "Kafka producer recreations")
+INGEST_ACCEPT_WAIT_SECONDS = Histogram(
+    "blametrail_ingest_accept_wait_seconds",
+    "How long a new connection waited in the kernel before ingest accepted it (the listen queue: before"
+    " any request histogram sees it); from TCP_INFO, millisecond resolution",
+    buckets=LATENCY_BUCKETS,
+)
 INGEST_LOOP_LAG = Gauge(
     "blametrail_ingest_event_loop_lag_seconds",
     "How late ingest's event loop last ran a 50 ms ticker (CPU starvation, long callbacks); past"

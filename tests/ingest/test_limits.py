@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 
 from ingest.http_limits import MAX_HEAD_BYTES, MAX_HEADERS, IngestHttpProtocol
+from shared import metrics
 from shared.security import sign
 from shared.settings import Settings
 from tests.ingest.fake_app import SECRETS, fake_ingest
@@ -263,6 +264,30 @@ async def test_keep_alive_and_pipelined_requests_are_served(tmp_path: Path) -> N
         assert [(await read_answer(reader)).status for _ in range(2)] == [200, 200]
         writer.close()
         assert [value for _, _, value in server.harness.broker.log] == bodies
+
+
+async def test_the_wait_to_be_accepted_is_measured(tmp_path: Path) -> None:
+    """A connection nobody accepted for 0.3 s (the loop blocked) is counted with its wait."""
+    histogram = metrics.INGEST_ACCEPT_WAIT_SECONDS
+
+    def observed() -> tuple[float, float]:
+        (metric,) = histogram.collect()
+        samples = {s.name: s.value for s in metric.samples if not s.labels.get("le")}
+        return samples["blametrail_ingest_accept_wait_seconds_count"], samples[
+            "blametrail_ingest_accept_wait_seconds_sum"
+        ]
+
+    async with serving(tmp_path) as server:
+        count, total = observed()
+        client = socket.create_connection(("127.0.0.1", server.port))  # completed by the kernel
+        client.sendall(signed(BODY))
+        time.sleep(0.3)  # noqa: ASYNC251 -- this loop serves ingest: nothing is accepted meanwhile
+        reader, writer = await asyncio.open_connection(sock=client)
+        assert (await read_answer(reader)).status == 200
+        writer.close()
+        new_count, new_total = observed()
+        assert new_count == count + 1
+        assert 0.3 <= new_total - total < 5
 
 
 async def test_100_continue_is_written_before_the_body_arrives(tmp_path: Path) -> None:
