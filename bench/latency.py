@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from prometheus_client import Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import openloop
@@ -43,6 +44,7 @@ from bench.harness import (
     write_bodies,
 )
 from bench.stack import SERVICES
+from shared import metrics
 
 BUDGET = 1.0  # Sentry's answer budget, seconds
 
@@ -77,31 +79,57 @@ def wait_written(url: str | None, before: float | None, count: float, within: fl
         time.sleep(0.2)
 
 
-def server_histogram(base_url: str) -> dict[float, float]:
-    """ingest's own ``blametrail_ingest_request_seconds`` buckets: upper bound -> cumulative count."""
+def _metric_name(metric: Histogram) -> str:
+    (family,) = metric.describe()
+    return family.name
+
+
+REQUEST_HISTOGRAM = _metric_name(metrics.INGEST_REQUEST_SECONDS)
+ACCEPT_HISTOGRAM = _metric_name(metrics.INGEST_ACCEPT_WAIT_SECONDS)
+
+
+def server_histograms(base_url: str) -> dict[str, dict[float, float]]:
+    """ingest's own request and accept-wait histograms: name -> upper bound -> cumulative count."""
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    return {
-        float(sample.labels["le"]): sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "blametrail_ingest_request_seconds"
-        for sample in family.samples
-        if sample.name.endswith("_bucket")
-    }
+    found: dict[str, dict[float, float]] = {REQUEST_HISTOGRAM: {}, ACCEPT_HISTOGRAM: {}}
+    for family in text_string_to_metric_families(text):
+        if family.name in found:
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    found[family.name][float(sample.labels["le"])] = sample.value
+    return found
+
+
+def _delta(before: dict[float, float], after: dict[float, float]) -> tuple[dict[float, float], float]:
+    delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in sorted(after)}
+    return delta, delta.get(float("inf"), 0.0)
+
+
+def _bound_ms(delta: dict[float, float], total: float, q: float) -> float:
+    """Upper bucket bound (ms) holding the ``q`` quantile."""
+    return next((le * 1000 for le, n in delta.items() if n >= q * total), float("inf"))
 
 
 def server_view(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
     """Time inside ingest (first byte handled to answer) for the run: bucket bounds of p50/p99, and
     how many took over the budget there — the rest of a client's latency is queueing before ingest."""
-    delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in sorted(after)}
-    total = delta.get(float("inf"), 0.0)
-
-    def bound(q: float) -> float:
-        return next((le * 1000 for le, n in delta.items() if n >= q * total), float("inf"))
-
+    delta, total = _delta(before, after)
     return {
         "requests": total,
-        "p50_le_ms": bound(0.5),
-        "p99_le_ms": bound(0.99),
+        "p50_le_ms": _bound_ms(delta, total, 0.5),
+        "p99_le_ms": _bound_ms(delta, total, 0.99),
+        "over_budget": total - delta.get(BUDGET, 0.0),
+    }
+
+
+def accept_view(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """The run's new connections and how long they waited in the kernel to be accepted (ingest's
+    ``blametrail_ingest_accept_wait_seconds``): a wait no request histogram sees."""
+    delta, total = _delta(before, after)
+    return {
+        "connections": total,
+        "p99_le_ms": _bound_ms(delta, total, 0.99) if total else 0.0,
+        "over_250ms": total - delta.get(0.25, 0.0),
         "over_budget": total - delta.get(BUDGET, 0.0),
     }
 
@@ -194,7 +222,7 @@ def run(
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         file = write_bodies(Path(tmp) / "bodies.tsv", target.secret, count, project=target.project, start=first_body)
         written_before = writer_events(target.writer_metrics)
-        histogram_before = server_histogram(loopback_only(target.url))
+        histograms_before = server_histograms(loopback_only(target.url))
         meter = CpuMeter(target.pids)
         started, wall_started = time.monotonic(), time.time()
         if vegeta:
@@ -207,7 +235,7 @@ def run(
     acked = sum(n for status, n in statuses.items() if 200 <= status < 300)
     drained = wait_written(target.writer_metrics, written_before, acked, drain_within)
     used = meter.stop()
-    histogram_after = server_histogram(loopback_only(target.url))
+    histograms_after = server_histograms(loopback_only(target.url))
     answered = [a.latency for a in answers if a.status]
     return {
         "engine": used_engine,
@@ -222,7 +250,8 @@ def run(
         "over_budget": sum(1 for a in answers if a.status == 0 or a.latency > BUDGET),
         "errors": dict(Counter(a.error.split(": ")[-1][:80] for a in answers if a.error).most_common(3)),
         "over_budget_by_status": dict(Counter(str(a.status) for a in answers if a.status == 0 or a.latency > BUDGET)),
-        "inside_ingest": server_view(histogram_before, histogram_after),
+        "inside_ingest": server_view(histograms_before[REQUEST_HISTOGRAM], histograms_after[REQUEST_HISTOGRAM]),
+        "accept_wait": accept_view(histograms_before[ACCEPT_HISTOGRAM], histograms_after[ACCEPT_HISTOGRAM]),
         "backlog_before": before,
         "pipeline_drained": drained,
         "end_to_end_ms": end_to_end(target.database_url, wall_started, wall_ended) if drained else None,

@@ -26,6 +26,7 @@ def check_latency(run: dict[str, Any], sent: int) -> None:
     assert run["sent"] == sent and run["acked"] == sent, run
     assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["p999_ms"] <= run["max_ms"], run
     assert run["over_budget"] == 0, run
+    assert run["accept_wait"]["connections"] >= 1 and run["accept_wait"]["over_budget"] == 0, run["accept_wait"]
     cpu = run["cpu_ms_per_webhook"]
     assert all(cpu[name] > 0 for name in ("ingest", "router", "writer", "services_total")), cpu
     assert all(run["peak_rss_mb"][name] > 0 for name in ("ingest", "router", "writer")), run["peak_rss_mb"]
@@ -85,5 +86,6 @@ async def test_run_all_produces_every_figure(topics: Settings, tmp_path: Path) -
     if new_connections_run is not None:  # vegeta: a connection per webhook
         check_latency(new_connections_run, 50)
         assert new_connections_run["new_connections"] is True and closed >= 50, closed
+        assert new_connections_run["accept_wait"]["connections"] >= 50, new_connections_run["accept_wait"]
     # the others need the 1,000/s and 2,000/s runs, the drain runs and the mapping cache run
     assert set(results["targets"]) == {"ingest_vs_bare", "ingest_rss"}
