@@ -31,6 +31,8 @@ import uvloop
 
 log = logging.getLogger(__name__)
 
+PAUSE_SECONDS = 0.1  # after an accept failed for want of resources (EMFILE, ENFILE, ENOBUFS)
+
 
 class _Acceptor:
     """Accepts what waits on one listening socket (through its own duplicate of it)."""
@@ -42,6 +44,7 @@ class _Acceptor:
         self._sock.setblocking(False)
         self._most = max(1, backlog)
         self._opening: set[asyncio.Task[Any]] = set()
+        self._resume: asyncio.TimerHandle | None = None
         loop.add_reader(self._sock.fileno(), self._accept_waiting)
 
     def _accept_waiting(self) -> None:
@@ -53,12 +56,20 @@ class _Acceptor:
             except ConnectionAbortedError:
                 continue
             except OSError as exc:  # out of file descriptors, say: libuv's own accept meets it too
-                log.warning("accepting a connection failed: %s", exc)
+                log.warning("accepting a connection failed (%s): pausing this acceptor for %g s", exc, PAUSE_SECONDS)
+                self._pause()
                 return
             conn.setblocking(False)
             task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
             self._opening.add(task)
             task.add_done_callback(self._opened)
+
+    def _pause(self) -> None:
+        """Stop watching the socket for a while: it stays ready, and every loop iteration would fail
+        (and log) again."""
+        fd = self._sock.fileno()
+        self._loop.remove_reader(fd)
+        self._resume = self._loop.call_later(PAUSE_SECONDS, self._loop.add_reader, fd, self._accept_waiting)
 
     def _opened(self, task: asyncio.Task[Any]) -> None:
         self._opening.discard(task)
@@ -66,6 +77,8 @@ class _Acceptor:
             log.warning("an accepted connection could not be opened: %r", task.exception())
 
     def close(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
         if self._sock.fileno() != -1:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()

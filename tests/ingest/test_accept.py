@@ -8,10 +8,12 @@ iteration, 200 waiting connections take 200 iterations. Here they take one or tw
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import uvicorn
@@ -30,10 +32,13 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 class Echo(asyncio.Protocol):
     made: list[Echo] = []
+    all_made: asyncio.Event | None = None  # set once WAITING connections are made
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: Any = transport  # uvloop's TCPTransport is not an asyncio.Transport subclass
         Echo.made.append(self)
+        if len(Echo.made) == WAITING and Echo.all_made is not None:
+            Echo.all_made.set()
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data.upper())
@@ -55,7 +60,7 @@ def connect_waiting(port: int, count: int) -> list[socket.socket]:
 
 def test_a_busy_loop_accepts_every_waiting_connection_at_once_and_serves_each() -> None:
     async def main() -> None:
-        Echo.made = []
+        Echo.made, Echo.all_made = [], None
         loop = asyncio.get_running_loop()
         server = await loop.create_server(Echo, "127.0.0.1", 0, backlog=1024)
         port = server.sockets[0].getsockname()[1]
@@ -96,7 +101,7 @@ def test_a_busy_loop_accepts_every_waiting_connection_at_once_and_serves_each() 
 
 def test_a_closed_server_accepts_nothing_more() -> None:
     async def main() -> None:
-        Echo.made = []
+        Echo.made, Echo.all_made = [], None
         loop = asyncio.get_running_loop()
         server = await loop.create_server(Echo, "127.0.0.1", 0, backlog=128)
         port = server.sockets[0].getsockname()[1]
@@ -112,6 +117,50 @@ def test_a_closed_server_accepts_nothing_more() -> None:
         assert Echo.made == []
 
     run(main)
+
+
+class FailingAccept:
+    """A listening socket whose accept fails as out of file descriptors until ``until``."""
+
+    def __init__(self, sock: socket.socket, until: float) -> None:
+        self.sock, self.until, self.failures = sock, until, 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if time.monotonic() < self.until:
+            self.failures += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_an_acceptor_out_of_descriptors_pauses_instead_of_failing_every_iteration(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        Echo.made, Echo.all_made = [], asyncio.Event()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Echo, "127.0.0.1", 0, backlog=1024)
+        port = server.sockets[0].getsockname()[1]
+        (acceptor,) = cast(Any, server)._acceptors
+        failing = acceptor._sock = FailingAccept(acceptor._sock, time.monotonic() + 0.05)
+        clients = connect_waiting(port, WAITING)
+        try:
+            await asyncio.wait_for(Echo.all_made.wait(), 5)  # libuv's own accept goes on meanwhile
+        finally:
+            for client in clients:
+                client.close()
+            server.close()
+            await server.wait_closed()
+        warnings = [r for r in caplog.records if "accepting a connection failed" in r.getMessage()]
+        assert failing.failures == len(warnings) == 1  # paused for 0.1 s: not once a loop iteration
+
+    with caplog.at_level(logging.WARNING, logger="ingest.accept"):
+        run(main)
 
 
 def test_a_connection_reports_how_long_it_waited_to_be_accepted() -> None:
