@@ -19,11 +19,11 @@ import pytest
 import uvicorn
 
 from ingest.http_limits import MAX_HEAD_BYTES, MAX_HEADERS, IngestHttpProtocol
-from shared import metrics
 from shared.security import sign
 from shared.settings import Settings
 from tests.ingest.fake_app import SECRETS, fake_ingest
 from tests.ingest.fake_kafka import Harness
+from tests.support.metrics import local
 
 TIMEOUT = 0.5  # BLAMETRAIL_INGEST_READ_TIMEOUT_SECONDS of the server under test
 BODY = b'{"action":"created","data":{"issue":{"id":"1","project":{"slug":"web"}}}}'
@@ -268,14 +268,9 @@ async def test_keep_alive_and_pipelined_requests_are_served(tmp_path: Path) -> N
 
 async def test_the_wait_to_be_accepted_is_measured(tmp_path: Path) -> None:
     """A connection nobody accepted for 0.3 s (the loop blocked) is counted with its wait."""
-    histogram = metrics.INGEST_ACCEPT_WAIT_SECONDS
 
     def observed() -> tuple[float, float]:
-        (metric,) = histogram.collect()
-        samples = {s.name: s.value for s in metric.samples if not s.labels.get("le")}
-        return samples["blametrail_ingest_accept_wait_seconds_count"], samples[
-            "blametrail_ingest_accept_wait_seconds_sum"
-        ]
+        return local("blametrail_ingest_accept_wait_seconds_count"), local("blametrail_ingest_accept_wait_seconds_sum")
 
     async with serving(tmp_path) as server:
         count, total = observed()
